@@ -1,0 +1,128 @@
+"""The alpha-Renyi variational objective over K members (DESIGN.md section 2).
+
+Pure tensor maths: no modules, trainer or I/O. ``L[k, b]`` is member k's log-likelihood of example b.
+
+    l_alpha(b) = -(1/alpha) * logsumexp_k(alpha * L[k, b] + log pi_k)
+    w[k, b]    = softmax_k(alpha * L[k, b] + log pi_k)           (the soft routing)
+
+alpha -> 0 is the variational-Bayes / Gibbs term -sum_k pi_k L[k, b] (every member fits every example),
+alpha = 1 the negative log-likelihood of the mixture (the PrO posterior's data term), alpha -> inf the
+winner-take-all -max_k L[k, b]. Both limits are explicit branches, never a division by zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Below this |alpha * (L - mean_k L)| the log1p/expm1 form is used: logsumexp would round
+# exp(alpha * L) to 1 in float32 for tiny alpha and lose the whole O(alpha) signal.
+_SMALL_SPREAD = 1.0
+
+
+def _log_weights(loglik: torch.Tensor, log_weights: torch.Tensor | None) -> torch.Tensor:
+    """Mixture log-weights broadcastable to ``loglik [K, ...]``; uniform ``-log K`` by default."""
+    if log_weights is None:
+        return torch.full_like(loglik, -math.log(loglik.shape[0]))
+    log_weights = log_weights.to(loglik)
+    if log_weights.dim() == 1:
+        log_weights = log_weights.view(-1, *([1] * (loglik.dim() - 1)))  # [K, 1, ...]
+    return log_weights.expand_as(loglik)
+
+
+def _check_alpha(alpha: float) -> None:
+    if not (alpha >= 0):  # also rejects NaN
+        raise ValueError(f"alpha must be >= 0 (0 = variational Bayes, 1 = mixture, inf = winner-take-all); got {alpha}")
+
+
+def renyi_per_example(
+    loglik: torch.Tensor, alpha: float, log_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-example alpha-Renyi loss.
+
+    Args:
+        loglik: ``[K, ...]`` member log-likelihoods (usually ``[K, B]``).
+        alpha: Renyi order, ``>= 0``; ``float("inf")`` allowed.
+        log_weights: ``[K]`` or ``[K, ...]`` log mixture weights (normalised); uniform if None.
+
+    Returns:
+        ``[...]`` (usually ``[B]``) the loss ``l_alpha`` of each example.
+    """
+    _check_alpha(alpha)
+    log_pi = _log_weights(loglik, log_weights)
+    if alpha == 0:
+        return -(log_pi.exp() * loglik).sum(0)
+    if math.isinf(alpha):
+        return -loglik.max(0).values
+    # Centre on the alpha = 0 value m = sum_k pi_k L_k, so that
+    # l_alpha = -m - (1/alpha) log sum_k pi_k exp(alpha (L_k - m)), with the residual computed stably
+    # for small spreads (log1p / expm1) and large ones (logsumexp).
+    pi = log_pi.exp()
+    mean = (pi * loglik).sum(0)  # [B]
+    spread = alpha * (loglik - mean)  # [K, B]
+    small = spread.abs().amax(0) <= _SMALL_SPREAD  # [B]
+    clipped = spread.clamp(-_SMALL_SPREAD, _SMALL_SPREAD)  # keeps the unused branch finite for autograd
+    residual_small = torch.log1p((pi * torch.expm1(clipped)).sum(0))
+    residual_large = torch.logsumexp(spread + log_pi, dim=0)
+    residual = torch.where(small, residual_small, residual_large)
+    return -mean - residual / alpha
+
+
+def responsibilities(
+    loglik: torch.Tensor, alpha: float, log_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Soft routing ``w[k, ...] = softmax_k(alpha * L + log pi)`` (detached).
+
+    Args:
+        loglik: ``[K, ...]`` member log-likelihoods.
+        alpha: Renyi order ``>= 0``; at 0 the weights are ``pi``, at inf one-hot on the argmax.
+        log_weights: ``[K]`` or ``[K, ...]`` log mixture weights; uniform if None.
+
+    Returns:
+        ``[K, ...]`` responsibilities summing to 1 over K.
+    """
+    _check_alpha(alpha)
+    loglik = loglik.detach()
+    log_pi = _log_weights(loglik, log_weights)
+    if alpha == 0:
+        return log_pi.exp()
+    if math.isinf(alpha):
+        winner = loglik.argmax(0, keepdim=True)  # [1, ...]
+        return torch.zeros_like(loglik).scatter_(0, winner, 1.0)
+    return torch.softmax(alpha * loglik + log_pi, dim=0)
+
+
+def renyi_loss(
+    loglik: torch.Tensor, alpha: float, log_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch alpha-Renyi data term and the routing.
+
+    Args:
+        loglik: ``[K, B]`` member log-likelihoods.
+        alpha: Renyi order ``>= 0`` (``float("inf")`` allowed).
+        log_weights: ``[K]`` or ``[K, B]`` log mixture weights; uniform if None.
+
+    Returns:
+        ``(loss, w)``: the scalar ``mean_b l_alpha(b)`` and the detached responsibilities ``[K, B]``.
+        The gradient of ``loss`` for member k is ``-w[k, b] * grad L[k, b] / B``.
+    """
+    loss = renyi_per_example(loglik, alpha, log_weights).mean()
+    return loss, responsibilities(loglik, alpha, log_weights)
+
+
+def gaussian_prior(lora_params: list[torch.Tensor], num_members: int, prior_std: float) -> torch.Tensor:
+    """Gaussian prior term ``(1/K) sum_k ||theta_k||^2 / (2 prior_std^2)``.
+
+    Args:
+        lora_params: stacked member tensors, each ``[K, ...]`` (e.g. ``lora_A [K, R, Din]``).
+        num_members: K.
+        prior_std: standard deviation of the N(0, prior_std^2 I) prior.
+
+    Returns:
+        Scalar: the prior's cross-entropy part that stands in for KL(Q || prior) with K point masses.
+    """
+    if prior_std <= 0:
+        raise ValueError(f"prior_std must be > 0; got {prior_std}")
+    squared = sum(p.float().pow(2).sum() for p in lora_params)
+    return torch.as_tensor(squared) / (2 * prior_std**2 * num_members)
