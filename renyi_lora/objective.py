@@ -126,3 +126,42 @@ def gaussian_prior(lora_params: list[torch.Tensor], num_members: int, prior_std:
         raise ValueError(f"prior_std must be > 0; got {prior_std}")
     squared = sum(p.float().pow(2).sum() for p in lora_params)
     return torch.as_tensor(squared) / (2 * prior_std**2 * num_members)
+
+
+def routed_loss(
+    token_loglik: torch.Tensor,
+    target_mask: torch.Tensor,
+    alpha: float,
+    routing_level: str = "sequence",
+    length_normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The data term from per-token member log-likelihoods, routed per sequence or per token.
+
+    Args:
+        token_loglik: ``[K, B, T]`` log-likelihood of each target token (0 elsewhere).
+        target_mask: ``[B, T]`` True on target (completion) tokens.
+        alpha: Renyi order.
+        routing_level: ``"sequence"``: ``L[k, b]`` is the sequence log-likelihood and one routing decision is
+            made per example; ``"token"``: ``l_alpha`` is applied to every token and summed per sequence.
+        length_normalize: divide each sequence's total by its number of target tokens.
+
+    Returns:
+        ``(loss, w, loglik)``: scalar mean over B; responsibilities ``[K, B]`` (per-token ones averaged over
+        the sequence at token level); per-member sequence log-likelihood ``[K, B]`` (normalised if asked).
+    """
+    count = target_mask.sum(-1).clamp(min=1).to(token_loglik.dtype)  # [B]
+    loglik = token_loglik.sum(-1)  # [K, B]
+    if length_normalize:
+        loglik = loglik / count
+    if routing_level == "sequence":
+        loss, w = renyi_loss(loglik, alpha)
+        return loss, w, loglik
+    if routing_level != "token":
+        raise ValueError(f"routing_level must be 'sequence' or 'token'; got {routing_level!r}")
+    mask = target_mask.to(token_loglik.dtype)
+    per_token = renyi_per_example(token_loglik, alpha) * mask  # [B, T]
+    w_token = responsibilities(token_loglik, alpha) * mask  # [K, B, T]
+    per_sequence = per_token.sum(-1)  # [B]
+    if length_normalize:
+        per_sequence = per_sequence / count
+    return per_sequence.mean(), w_token.sum(-1) / count, loglik

@@ -1,0 +1,206 @@
+"""K LoRA members on one frozen causal LM, applied with one batched matmul per layer.
+
+Rows are member-major: the batch is repeated K times, rows ``k*B .. (k+1)*B - 1`` belong to member k, and
+each adapted layer adds ``scaling * (x_k @ A_k^T) @ B_k^T`` to the frozen base layer's output, with
+``lora_A [K, R, Din]`` and ``lora_B [K, Dout, R]`` stacked so that all members run in one ``bmm``.
+B starts at zero (every member starts as the base model); A is drawn per member, which is what breaks
+the symmetry between members (DESIGN.md: with A tied too, members stay identical forever).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass
+class EnsembleConfig:
+    """Shape of the ensemble; every field is a CLI flag of ``renyi-lora sft`` / ``dpo``."""
+
+    num_members: int = field(default=4, metadata={"help": "K, the number of LoRA members in the ensemble."})
+    rank: int = field(default=8, metadata={"help": "LoRA rank R of every member."})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA scaling numerator: each update is scaled by lora_alpha / rank."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the LoRA input (0 = none)."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules to adapt: names or suffixes (q_proj v_proj ...), GPT-2 Conv1D names (c_attn ...), "
+                  "or 'all-linear' (every linear layer except the output head)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for drawing each member's LoRA A matrices."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        for name, value, low in (("num_members", self.num_members, 1), ("rank", self.rank, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0; got {self.lora_alpha}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; give module names (q_proj v_proj) or 'all-linear'")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.rank
+
+
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """``(Din, Dout)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is stored ``[Din, Dout]``)."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return layer.in_features, layer.out_features
+
+
+class EnsembleLoraLayer(nn.Module):
+    """A frozen ``base_layer`` plus K stacked LoRA updates applied to member-major rows."""
+
+    def __init__(self, base_layer: nn.Module, config: EnsembleConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        din, dout = layer_dims(base_layer)
+        K, R = config.num_members, config.rank
+        weight = base_layer.weight
+        # PEFT's default init (kaiming_uniform, a = sqrt(5)) is uniform(-1/sqrt(Din), 1/sqrt(Din)); drawn per member.
+        bound = 1 / math.sqrt(din)
+        lora_A = (torch.rand(K, R, din, generator=generator) * 2 - 1) * bound
+        self.lora_A = nn.Parameter(lora_A.to(device=weight.device))  # [K, R, Din]
+        self.lora_B = nn.Parameter(torch.zeros(K, dout, R, device=weight.device))  # [K, Dout, R]
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.disabled = False
+
+    @property
+    def num_members(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [K*B, T, Din]`` member-major (or ``[B, T, Din]`` when disabled) -> same rows, ``Dout``."""
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        xk = self.dropout(x).to(self.lora_A.dtype).reshape(self.num_members, -1, x.shape[-1])  # [K, B*T, Din]
+        delta = torch.bmm(torch.bmm(xk, self.lora_A.mT), self.lora_B.mT)  # [K, B*T, Dout]
+        return out + self.scaling * delta.reshape(out.shape).to(out.dtype)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def find_target_modules(model: nn.Module, target_modules: list[str]) -> list[str]:
+    """Names of the linear modules selected by ``target_modules``; raises listing what exists if none match."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = [n for n, m in model.named_modules() if _is_linear(m) and m is not head and n]
+    if "all-linear" in target_modules:
+        names = linear
+    else:
+        names = [n for n in linear if any(n == t or n.endswith("." + t) for t in target_modules)]
+    if not names:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"target_modules {target_modules} matched no linear module of {type(model).__name__}; "
+            f"linear modules here: {suffixes} (or use 'all-linear')"
+        )
+    return names
+
+
+class LoraEnsemble(nn.Module):
+    """Wraps a Hugging Face causal LM: freezes it and injects K-member LoRA into the target modules.
+
+    ``forward(input_ids [B, T], attention_mask [B, T])`` returns logits ``[K, B, T, V]``.
+    """
+
+    def __init__(self, model: nn.Module, config: EnsembleConfig, module_names: list[str] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = model
+        model.requires_grad_(False)
+        self.module_names = module_names or find_target_modules(model, config.target_modules)
+        generator = torch.Generator().manual_seed(config.seed)
+        for name in self.module_names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, EnsembleLoraLayer(getattr(parent, child), config, generator))
+
+    @property
+    def num_members(self) -> int:
+        return self.config.num_members
+
+    def lora_layers(self) -> dict[str, EnsembleLoraLayer]:
+        return {name: self.model.get_submodule(name) for name in self.module_names}
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.lora_layers().values() for p in (layer.lora_A, layer.lora_B)]
+
+    def _repeat(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.repeat(self.num_members, *([1] * (tensor.dim() - 1)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Member logits ``[K, B, T, V]`` for ``input_ids [B, T]`` (one batched pass over K*B rows).
+
+        With ``labels [B, T]`` (-100 = not a target), returns the per-token target log-likelihoods
+        ``[K, B, T]`` instead, computed without materialising the logits (``likelihoods.token_logliks``).
+        Training goes through this method so that DDP/FSDP wrappers see the forward.
+        """
+        if labels is not None:
+            from renyi_lora.likelihoods import token_logliks
+
+            return token_logliks(self, input_ids, attention_mask, labels)
+        B, T = input_ids.shape
+        out = self.model(input_ids=self._repeat(input_ids), attention_mask=self._repeat(attention_mask),
+                         use_cache=False)
+        return out.logits.view(self.num_members, B, T, -1)  # [K, B, T, V]
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Delegates to the base model (called by the Trainer's ``--gradient_checkpointing``)."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.model.enable_input_require_grads()  # the frozen embeddings would otherwise cut the graph
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states before the output head: ``[K, B, T, H]`` (``[1, B, T, H]`` when disabled)."""
+        B, T = input_ids.shape
+        K = 1 if self.is_disabled else self.num_members
+        if K > 1:
+            input_ids, attention_mask = self._repeat(input_ids), self._repeat(attention_mask)
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state.view(K, B, T, -1)  # [K, B, T, H]
+
+    @property
+    def is_disabled(self) -> bool:
+        return next(iter(self.lora_layers().values())).disabled
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the plain base model, on B rows instead of K*B; restores the adapters on exit."""
+        layers = list(self.lora_layers().values())
+        previous = [layer.disabled for layer in layers]
+        try:
+            for layer in layers:
+                layer.disabled = True
+            yield
+        finally:
+            for layer, state in zip(layers, previous, strict=True):
+                layer.disabled = state
+
+    # Save / load / export live in renyi_lora.io; these are the conventional entry points.
+    def save_pretrained(self, directory: str) -> None:
+        from renyi_lora.io import save_ensemble
+
+        save_ensemble(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str, members: list[int] | None = None) -> LoraEnsemble:
+        from renyi_lora.io import load_ensemble
+
+        return load_ensemble(model, directory, members)
