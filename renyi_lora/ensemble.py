@@ -10,6 +10,7 @@ the symmetry between members (DESIGN.md: with A tied too, members stay identical
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ class EnsembleConfig:
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Modules to adapt: names or suffixes (q_proj v_proj ...), GPT-2 Conv1D names (c_attn ...), "
                   "or 'all-linear' (every linear layer except the output head)."},
+    )
+    layers_to_transform: list[int] | None = field(
+        default=None, metadata={"help": "Adapt only these layer indices (PEFT's name). Layers below the first adapted "
+                                "one then run once on B rows instead of K*B (a shared trunk)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for drawing each member's LoRA A matrices."})
 
@@ -97,18 +102,21 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-def find_target_modules(model: nn.Module, target_modules: list[str]) -> list[str]:
-    """Names of the linear modules selected by ``target_modules``; raises listing what exists if none match."""
+def find_target_modules(model: nn.Module, target_modules: list[str], layers: list[int] | None = None) -> list[str]:
+    """Names of the linear modules selected by ``target_modules`` (and layer indices ``layers``); raises listing
+    what exists if none match."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linear = [n for n, m in model.named_modules() if _is_linear(m) and m is not head and n]
     if "all-linear" in target_modules:
         names = linear
     else:
         names = [n for n in linear if any(n == t or n.endswith("." + t) for t in target_modules)]
+    if layers is not None:
+        names = [n for n in names if (m := re.search(r"\.(\d+)\.", n)) and int(m.group(1)) in layers]
     if not names:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ValueError(
-            f"target_modules {target_modules} matched no linear module of {type(model).__name__}; "
+            f"target_modules {target_modules} (layers {layers}) matched no linear module of {type(model).__name__}; "
             f"linear modules here: {suffixes} (or use 'all-linear')"
         )
     return names
@@ -125,12 +133,61 @@ class LoraEnsemble(nn.Module):
         self.config = config
         self.model = model
         model.requires_grad_(False)
-        self.module_names = module_names or find_target_modules(model, config.target_modules)
+        self.module_names = module_names or find_target_modules(
+            model, config.target_modules, config.layers_to_transform
+        )
         generator = torch.Generator().manual_seed(config.seed)
         for name in self.module_names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, child, EnsembleLoraLayer(getattr(parent, child), config, generator))
+        self._trunk_rows: int | None = None  # B while a shared-trunk forward is running
+        self.shared_trunk_layers = self._install_shared_trunk()
+
+    def _install_shared_trunk(self) -> int:
+        """Layers below the first adapted one are identical for every member: run them once on B rows.
+
+        Finds the decoder's ``ModuleList`` holding every adapted module; a pre-hook on each layer from the first
+        adapted one repeats the batch K times (member-major) where the rows enter it. Returns the number of
+        shared layers (0: no sharing, e.g. when the embeddings' neighbours are adapted or K = 1).
+        """
+        found = {re.match(r"^(.*?)\.(\d+)\.", name) for name in self.module_names}
+        prefixes = {m.group(1) for m in found if m}
+        if self.num_members == 1 or None in found or len(prefixes) != 1:
+            return 0
+        layers = self.model.get_submodule(prefixes.pop())
+        first = min(int(m.group(2)) for m in found)
+        if not isinstance(layers, nn.ModuleList) or first == 0:
+            return 0
+        for layer in layers[first:]:
+            layer.register_forward_pre_hook(self._repeat_rows, with_kwargs=True)
+        return first
+
+    def _repeat_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Repeat every per-row tensor of a decoder layer's inputs K times (``[B, ...]`` -> ``[K*B, ...]``)."""
+        B = self._trunk_rows
+        if B is None:
+            return None
+
+        def repeat(value, position: int | None = None):
+            if isinstance(value, tuple):
+                return tuple(repeat(v) for v in value)
+            # A leading dim of 1 broadcasts over the K*B rows already, except for the hidden states themselves.
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == B and (B > 1 or position == 0):
+                return self._repeat(value)
+            return value
+
+        return tuple(repeat(a, i) for i, a in enumerate(args)), {k: repeat(v) for k, v in kwargs.items()}
+
+    @contextmanager
+    def _shared_trunk(self, rows: int) -> Iterator[bool]:
+        """Yields whether the trunk is shared for this forward (then the model is fed B rows, not K*B)."""
+        share = self.shared_trunk_layers > 0 and not self.is_disabled
+        self._trunk_rows = rows if share else None
+        try:
+            yield share
+        finally:
+            self._trunk_rows = None
 
     @property
     def num_members(self) -> int:
@@ -158,8 +215,10 @@ class LoraEnsemble(nn.Module):
 
             return token_logliks(self, input_ids, attention_mask, labels)
         B, T = input_ids.shape
-        out = self.model(input_ids=self._repeat(input_ids), attention_mask=self._repeat(attention_mask),
-                         use_cache=False)
+        with self._shared_trunk(B) as shared:
+            if not shared:
+                input_ids, attention_mask = self._repeat(input_ids), self._repeat(attention_mask)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits.view(self.num_members, B, T, -1)  # [K, B, T, V]
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
@@ -171,9 +230,10 @@ class LoraEnsemble(nn.Module):
         """Final hidden states before the output head: ``[K, B, T, H]`` (``[1, B, T, H]`` when disabled)."""
         B, T = input_ids.shape
         K = 1 if self.is_disabled else self.num_members
-        if K > 1:
-            input_ids, attention_mask = self._repeat(input_ids), self._repeat(attention_mask)
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with self._shared_trunk(B) as shared:
+            if K > 1 and not shared:
+                input_ids, attention_mask = self._repeat(input_ids), self._repeat(attention_mask)
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state.view(K, B, T, -1)  # [K, B, T, H]
 
     @property

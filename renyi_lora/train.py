@@ -72,17 +72,21 @@ class RenyiTrainer(Trainer):
     def ensemble(self) -> LoraEnsemble:
         return self.accelerator.unwrap_model(self.model)
 
-    def member_logliks(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token log-likelihoods ``[K, B, T]`` and the target mask ``[B, T]``; overridden for preferences."""
+    def data_term(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mean alpha-Renyi loss, responsibilities [K, B], member log-likelihoods [K, B])`` of a batch.
+
+        SFT: token log-likelihoods of the completion, routed per sequence or per token. Subclasses for other
+        likelihoods (preferences) override this one method.
+        """
+        args: RenyiConfig = self.args
         labels = inputs["labels"]
         token = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), labels=labels)
-        return token, labels != IGNORE_INDEX
+        return routed_loss(token, labels != IGNORE_INDEX, args.alpha, args.routing_level, args.length_normalize)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: RenyiConfig = self.args
         group = inputs.pop("group", None)
-        token, mask = self.member_logliks(model, inputs)
-        data_term, w, loglik = routed_loss(token, mask, args.alpha, args.routing_level, args.length_normalize)
+        data_term, w, loglik = self.data_term(model, inputs)
         loss = data_term
         prior = torch.zeros((), device=data_term.device)
         if args.prior_weight > 0:
@@ -162,12 +166,14 @@ def routing_summary(trainer: RenyiTrainer, dataset: Dataset, group_names: list[s
     K = trainer.ensemble.num_members
     resp, nll, count = torch.zeros(len(names), K), torch.zeros(len(names), K), torch.zeros(len(names))
     for batch in loader:
-        group = batch.pop("group").clamp(min=0) if group_names else torch.zeros(len(batch["input_ids"]), dtype=int)
-        batch = trainer._prepare_inputs(batch)
-        token, mask = trainer.member_logliks(model, batch)
-        _, w, loglik = routed_loss(token, mask, args.alpha, args.routing_level, args.length_normalize)
-        resp.index_add_(0, group, w.T.float().cpu())
-        nll.index_add_(0, group, -loglik.T.float().cpu())
+        group = batch.pop("group")  # [B]
+        if not group_names:
+            group = torch.zeros_like(group)
+        _, w, loglik = trainer.data_term(model, trainer._prepare_inputs(batch))
+        valid = group >= 0  # examples without a group count in no row
+        group, w, loglik = group[valid], w[:, valid].T.float().cpu(), loglik[:, valid].T.float().cpu()
+        resp.index_add_(0, group, w)
+        nll.index_add_(0, group, -loglik)
         count.index_add_(0, group, torch.ones(len(group)))
     count = count.clamp(min=1)[:, None]
     return {

@@ -23,6 +23,15 @@ def randomise_b(ensemble: LoraEnsemble, seed: int = 0, std: float = 0.2) -> None
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * std)
 
 
+class OneLora(nn.Module):
+    def __init__(self, inner: nn.Module, A: torch.Tensor, B: torch.Tensor, scaling: float):
+        super().__init__()
+        self.inner, self.A, self.B, self.scaling = inner, A, B, scaling
+
+    def forward(self, x):
+        return self.inner(x) + self.scaling * (x @ self.A.T) @ self.B.T
+
+
 def single_member_logits(base: nn.Module, ensemble: LoraEnsemble, k: int, input_ids: torch.Tensor) -> torch.Tensor:
     """Slow oracle: a fresh copy of the base model with only member k's LoRA written out by hand."""
     model = copy.deepcopy(base)
@@ -31,15 +40,7 @@ def single_member_logits(base: nn.Module, ensemble: LoraEnsemble, k: int, input_
         inner = model.get_submodule(name)
         A, B, s = layer.lora_A[k].detach(), layer.lora_B[k].detach(), layer.scaling
 
-        class OneLora(nn.Module):
-            def __init__(self, inner, A, B):
-                super().__init__()
-                self.inner, self.A, self.B = inner, A, B
-
-            def forward(self, x):
-                return self.inner(x) + s * (x @ self.A.T) @ self.B.T
-
-        setattr(model.get_submodule(parent_name), child, OneLora(inner, A, B))
+        setattr(model.get_submodule(parent_name), child, OneLora(inner, A, B, s))
     with torch.no_grad():
         return model(input_ids=input_ids).logits
 
@@ -214,3 +215,30 @@ def test_load_rejects_mismatched_base(tiny_llama, tmp_path):
     deeper = make_llama(tiny_llama.config.vocab_size, num_layers=1)
     with pytest.raises(ValueError, match="no module"):
         LoraEnsemble.from_pretrained(deeper, tmp_path)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_shared_trunk_equals_repeating_every_layer(batch_size):
+    from conftest import make_llama
+
+    torch.manual_seed(0)
+    base = make_llama(101, num_layers=4)
+    input_ids = torch.randint(4, 100, (batch_size, 9))
+    mask = torch.ones_like(input_ids)
+    mask[0, -2:] = 0  # right padding: the 4D attention mask must be repeated too
+    labels = input_ids.masked_fill(mask == 0, -100)
+    ensemble = LoraEnsemble(copy.deepcopy(base), EnsembleConfig(num_members=3, layers_to_transform=[2, 3]))
+    assert len(ensemble.module_names) == 14
+    assert all(".layers.2." in n or ".layers.3." in n for n in ensemble.module_names)
+    assert ensemble.shared_trunk_layers == 2
+    randomise_b(ensemble)
+    with torch.no_grad():
+        shared = ensemble(input_ids, mask)
+        shared_token = ensemble(input_ids, mask, labels=labels)
+        ensemble.shared_trunk_layers = 0  # the plain path: every layer on K*B rows
+        plain = ensemble(input_ids, mask)
+        plain_token = ensemble(input_ids, mask, labels=labels)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_token, plain_token, atol=1e-5, rtol=1e-5)
+    everything = LoraEnsemble(copy.deepcopy(base), EnsembleConfig(num_members=3))
+    assert everything.shared_trunk_layers == 0

@@ -1,0 +1,81 @@
+"""``renyi-lora <command> [flags]``: a thin veneer that parses flags into the library's dataclasses.
+
+Each command's flags come from dataclass fields (their help text is the documentation), parsed by
+transformers' ``HfArgumentParser``, so every ``TrainingArguments`` flag works as it does in the Trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from transformers import HfArgumentParser
+
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {}
+
+
+def command(name: str, summary: str):
+    def register(function: Callable[[list[str]], None]):
+        COMMANDS[name] = (summary, function)
+        return function
+
+    return register
+
+
+def _parse(prog: str, types: tuple, argv: list[str]):
+    parser = HfArgumentParser(types, prog=f"renyi-lora {prog}")
+    try:
+        return parser.parse_args_into_dataclasses(argv)
+    except (ValueError, FileNotFoundError) as error:  # raised by the dataclasses' __post_init__ checks
+        parser.error(str(error))
+
+
+@command("sft", "Train an ensemble of LoRA members by supervised fine-tuning with the alpha-Renyi objective.")
+def sft(argv: list[str]) -> None:
+    from renyi_lora.recipes import DataArguments, ModelArguments, run_sft
+    from renyi_lora.train import RenyiConfig
+
+    model_args, data_args, config = _parse("sft", (ModelArguments, DataArguments, RenyiConfig), argv)
+    summary = run_sft(model_args, data_args, config)
+    _print_routing(summary)
+
+
+@command("dpo", "Train an ensemble by preference optimisation (alpha-Renyi DPO, one shared reference forward).")
+def dpo(argv: list[str]) -> None:
+    from renyi_lora.preference import DPOConfig
+    from renyi_lora.recipes import DataArguments, ModelArguments, run_dpo
+
+    model_args, data_args, config = _parse("dpo", (ModelArguments, DataArguments, DPOConfig), argv)
+    summary = run_dpo(model_args, data_args, config)
+    _print_routing(summary)
+
+
+def _print_routing(summary: dict) -> None:
+    print("\nrouting over the training set (mean responsibility of each member):")
+    for group, row in summary["routing"].items():
+        nll = summary["member_group_nll"][group]
+        cells = "  ".join(f"{w:5.2f} (nll {n:6.2f})" for w, n in zip(row, nll, strict=True))
+        print(f"  {group:>16}: {cells}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<16}{summary}" for name, (summary, _) in COMMANDS.items()]
+        print("usage: renyi-lora <command> [--help] [flags]\n\ncommands:\n" + "\n".join(lines))
+        sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    try:
+        COMMANDS[argv[0]][1](argv[1:])
+    except (FileNotFoundError, ValueError) as error:  # DataError is a ValueError: bad input, one clear line
+        if os.environ.get("RENYI_LORA_DEBUG"):
+            raise
+        print(f"renyi-lora {argv[0]}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""alpha-Renyi DPO: the Bradley-Terry likelihood of each member, with one shared reference forward.
+
+For member k, ``h_k = beta * [(log pi_k(y_w|x) - log ref(y_w|x)) - (log pi_k(y_l|x) - log ref(y_l|x))]`` and
+``L[k, b] = log sigmoid(h_k)`` enters the same ``renyi_loss``; with K = 1 this is exactly TRL's sigmoid DPO
+loss. The reference is the base model with adapters disabled, run once per batch on the 2B rows (never K
+times), or, with ``reference="initial"``, each member's own starting adapter, whose log-probabilities are
+precomputed once before training so that no second model is kept in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from renyi_lora.ensemble import LoraEnsemble
+from renyi_lora.objective import renyi_loss
+from renyi_lora.train import RenyiConfig, RenyiTrainer
+
+
+def preference_loglik(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                      ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bradley-Terry log-likelihood of each member.
+
+    Args:
+        policy_chosen, policy_rejected: ``[K, B]`` member sequence log-probs of the chosen / rejected completion.
+        ref_chosen, ref_rejected: ``[B]`` (shared reference) or ``[K, B]`` (per-member reference).
+        beta: DPO temperature.
+
+    Returns:
+        ``(L, h)``: ``L = log sigmoid(h)`` and the implicit reward margins ``h``, both ``[K, B]``.
+    """
+    h = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return F.logsigmoid(h), h
+
+
+@dataclass
+class DPOConfig(RenyiConfig):
+    """``RenyiConfig`` plus the preference knobs (TRL's names)."""
+
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature beta on the log-ratio margins."})
+    reference: Literal["base", "initial"] = field(
+        default="base", metadata={"help": "Reference policy: 'base' (adapters disabled) or 'initial' (each member's "
+                                  "starting adapter; needs --adapters)."}
+    )
+    learning_rate: float = field(default=5e-5, metadata={"help": "Initial AdamW learning rate."})
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be > 0; got {self.beta}")
+        super().__post_init__()
+
+
+def _sequence_logps(model, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[K, 2B]`` summed completion log-probs of the chosen-then-rejected rows (K = 1 when disabled)."""
+    token = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
+    return token.sum(-1)
+
+
+class RenyiDPOTrainer(RenyiTrainer):
+    """DPO with K members: chosen and rejected go through the ensemble in one forward."""
+
+    def data_term(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        args: DPOConfig = self.args
+        policy = _sequence_logps(model, inputs)  # [K, 2B]
+        B = policy.shape[1] // 2
+        if "ref_logps" in inputs:  # precomputed per-member reference ("initial")
+            reference = inputs["ref_logps"].T  # [K, 2B]
+        else:
+            with torch.no_grad(), self.ensemble.adapters_disabled():
+                reference = _sequence_logps(model, inputs)[0]  # [2B]: one base forward, shared by all members
+        loglik, h = preference_loglik(policy[:, :B], policy[:, B:], reference[..., :B], reference[..., B:], args.beta)
+        loss, w = renyi_loss(loglik, args.alpha)
+        self._record_preferences(policy, reference, h, loglik)
+        return loss, w, loglik
+
+    @torch.no_grad()
+    def _record_preferences(self, policy, reference, h, loglik) -> None:
+        args: DPOConfig = self.args
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        B = h.shape[1]
+        rewards = args.beta * (policy - reference)  # [K, 2B]
+        chosen, rejected = rewards[:, :B], rewards[:, B:]
+        member_accuracy = (h > 0).float().mean(1)  # [K]
+        mixture_prob = loglik.exp().mean(0)  # [B]: uniform-weight mixture of member preference probabilities
+        values = {
+            "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/accuracies": (mixture_prob > 0.5).float().mean(), "rewards/margins": (chosen - rejected).mean(),
+            "logps/chosen": policy[:, :B].mean(), "logps/rejected": policy[:, B:].mean(),
+            "rewards/accuracy_spread": member_accuracy.var(unbiased=False),
+        }
+        for k in range(h.shape[0]):
+            values.update({
+                f"member_{k}/rewards/chosen": chosen[k].mean(), f"member_{k}/rewards/rejected": rejected[k].mean(),
+                f"member_{k}/rewards/margins": (chosen[k] - rejected[k]).mean(),
+                f"member_{k}/rewards/accuracies": member_accuracy[k],
+            })
+        for key, value in values.items():
+            metrics[key].append(self.accelerator.gather_for_metrics(value.detach()[None]).mean().item())
+
+
+@torch.no_grad()
+def precompute_reference_logps(ensemble: LoraEnsemble, dataset, collator, batch_size: int = 8) -> None:
+    """Store each member's starting log-probs in the examples (``ref_logps``: ``[K, 2]`` chosen, rejected)."""
+    was_training = ensemble.training
+    ensemble.eval()
+    device = next(ensemble.parameters()).device
+    start = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+        logps = _sequence_logps(ensemble, {k: v.to(device) for k, v in batch.items()}).cpu()  # [K, 2B]
+        B = logps.shape[1] // 2
+        for b in range(B):
+            dataset.examples[start + b]["ref_logps"] = torch.stack([logps[:, b], logps[:, B + b]], 1).tolist()
+        start += B
+    ensemble.train(was_training)
+
+
+@dataclass
+class PreferenceCollatorWithReference:
+    """Wraps a preference collator and stacks precomputed ``ref_logps`` into ``[B, K]`` chosen then rejected."""
+
+    collator: object
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(examples)
+        if "ref_logps" in examples[0]:
+            ref = torch.tensor([e["ref_logps"] for e in examples])  # [B, K, 2]
+            batch["ref_logps"] = torch.cat([ref[..., 0], ref[..., 1]], 0)  # [2B, K]
+        return batch
+

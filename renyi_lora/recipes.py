@@ -1,0 +1,121 @@
+"""The ``sft`` recipe: arguments, data, model, ensemble, Trainer, and the outputs written at the end.
+
+``run_sft`` is what ``renyi-lora sft`` calls; every step fails early with a clear message (data are
+read and validated, and the model path checked, before the model loads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from renyi_lora.data import SFTCollator, TokenizedDataset, load_sft_dataset
+from renyi_lora.ensemble import LoraEnsemble
+from renyi_lora.io import export_all_peft
+from renyi_lora.models import DEFAULT_MODEL, check_model_exists, load_model_and_tokenizer, load_tokenizer
+from renyi_lora.train import RenyiConfig, RenyiTrainer, routing_summary
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base causal LM: 'smollm2-135m' (embedded, offline), "
+                       "a local Hugging Face folder or a hub id."})
+    adapters: str | None = field(default=None, metadata={"help": "Start from a saved ensemble folder instead of "
+                                 "fresh adapters (its K, rank and target modules are used)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder/hub."})
+
+
+@dataclass
+class DataArguments:
+    data: str = field(default=None, metadata={"help": "Training file (.jsonl, .json or .parquet) in TRL's formats."})
+    eval_data: str | None = field(default=None, metadata={"help": "Optional evaluation file, same formats."})
+    max_length: int = field(default=512, metadata={"help": "Maximum tokens per example; longer completions are cut "
+                            "from the right (counted in train_summary.json)."})
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("--data is required: a .jsonl, .json or .parquet training file")
+        for path in (self.data, self.eval_data):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"data file not found: {path}")
+        if self.max_length < 2:
+            raise ValueError(f"--max_length must be >= 2; got {self.max_length}")
+
+
+def build_ensemble(model_args: ModelArguments, config: RenyiConfig, model) -> LoraEnsemble:
+    if model_args.adapters:
+        return LoraEnsemble.from_pretrained(model, model_args.adapters)
+    return LoraEnsemble(model, config.ensemble_config())
+
+
+def finish_training(trainer: RenyiTrainer, train_dataset: TokenizedDataset, train_output, extra: dict) -> dict:
+    """Write the ensemble, the PEFT exports and ``train_summary.json`` into ``output_dir``; return the summary."""
+    args: RenyiConfig = trainer.args
+    out = Path(args.output_dir)
+    summary = {
+        "num_examples": len(train_dataset),
+        "num_truncated": train_dataset.num_truncated,
+        "groups": train_dataset.group_names,
+        "metrics": train_output.metrics,
+        "config": {key: value for key, value in asdict(args).items() if isinstance(value, (int, float, str, list))},
+        **extra,
+    }
+    summary.update(routing_summary(trainer, train_dataset, train_dataset.group_names))
+    if trainer.is_world_process_zero():
+        trainer.ensemble.save_pretrained(out)
+        export_all_peft(trainer.ensemble, out / "peft")
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info("wrote %s, %s and %s", out / "adapters.safetensors", out / "peft", out / "train_summary.json")
+    return summary
+
+
+def run_sft(model_args: ModelArguments, data_args: DataArguments, config: RenyiConfig) -> dict:
+    """Train an ensemble by SFT and write its outputs; returns the training summary."""
+    check_model_exists(model_args.model)
+    tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
+    train_dataset = load_sft_dataset(data_args.data, tokenizer, data_args.max_length)
+    eval_dataset = load_sft_dataset(data_args.eval_data, tokenizer, data_args.max_length) if data_args.eval_data \
+        else None
+    model, _ = load_model_and_tokenizer(model_args.model, model_args.trust_remote_code, torch_dtype=torch.float32)
+    ensemble = build_ensemble(model_args, config, model)
+    trainer = RenyiTrainer(
+        model=ensemble, args=config, group_names=train_dataset.group_names, train_dataset=train_dataset,
+        eval_dataset=eval_dataset, data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+    )
+    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    extra = {"eval": trainer.evaluate()} if eval_dataset is not None else {}
+    return finish_training(trainer, train_dataset, result, extra)
+
+
+def run_dpo(model_args: ModelArguments, data_args: DataArguments, config) -> dict:
+    """Train an ensemble by alpha-Renyi DPO (``config``: ``DPOConfig``) and write its outputs."""
+    from renyi_lora.data import PreferenceCollator, load_preference_dataset
+    from renyi_lora.preference import PreferenceCollatorWithReference, RenyiDPOTrainer, precompute_reference_logps
+
+    if config.reference == "initial" and not model_args.adapters:
+        raise ValueError("--reference initial needs --adapters DIR (the saved ensemble to start from)")
+    check_model_exists(model_args.model)
+    tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
+    train_dataset = load_preference_dataset(data_args.data, tokenizer, data_args.max_length)
+    eval_dataset = load_preference_dataset(data_args.eval_data, tokenizer, data_args.max_length) \
+        if data_args.eval_data else None
+    model, _ = load_model_and_tokenizer(model_args.model, model_args.trust_remote_code, torch_dtype=torch.float32)
+    ensemble = build_ensemble(model_args, config, model)
+    collator = PreferenceCollatorWithReference(PreferenceCollator(tokenizer.pad_token_id))
+    if config.reference == "initial":
+        for dataset in (train_dataset, eval_dataset):
+            if dataset is not None:
+                precompute_reference_logps(ensemble, dataset, collator, config.per_device_eval_batch_size)
+    trainer = RenyiDPOTrainer(
+        model=ensemble, args=config, group_names=train_dataset.group_names, train_dataset=train_dataset,
+        eval_dataset=eval_dataset, data_collator=collator, processing_class=tokenizer,
+    )
+    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    extra = {"eval": trainer.evaluate()} if eval_dataset is not None else {}
+    return finish_training(trainer, train_dataset, result, extra)

@@ -1,0 +1,324 @@
+"""Local stability of one fitted model: the critical Renyi order alpha* (DESIGN.md section 2, "Local stability").
+
+At a point estimate theta (one adapter trained to convergence), over the N examples of the data set,
+
+    V = mean_i -Hessian log p_theta(y_i | x_i)                      (observed information)  [P, P]
+    J = mean_i g_i g_i^T,   g_i = grad log p_theta(y_i | x_i)      (empirical Fisher)      [P, P]
+
+Splitting theta into members theta + d_k (sum_k pi_k d_k = 0) changes the alpha-Renyi loss by
+0.5 sum_k pi_k d_k^T (V - alpha J) d_k to second order, so one model is locally stable while V - alpha J is
+positive semi-definite, and members separate above
+
+    alpha* = 1 / lambda_max,    J x = lambda V x    (the top generalised eigenvalue).
+
+Well specified (V = J) gives alpha* = 1; misspecification can make J exceed V in some direction, so alpha* < 1.
+
+Nothing here forms V or J. The model is given functionally, ``loglik_fn(params, batch) -> [N]``, a pure function
+of ``params`` (call ``torch.func.functional_call`` inside when wrapping an ``nn.Module``), so that ``torch.func``
+can take products: J v by a forward-mode jvp of the log-likelihood vector (G v, [N]) then a vjp (G^T u, [P]); V v by
+a jvp of the gradient (forward-over-reverse). ``critical_alpha`` runs Lanczos on V^{-1} J, which is self-adjoint in
+the V inner product <x, y>_V = x^T V y, solving V z = J q by conjugate gradients. P is the number of numbers in
+``params``; every vector is either a params-shaped dict or, inside the solver, one flat tensor [P].
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import grad, jvp, vjp
+from tqdm.auto import tqdm
+
+Params = dict[str, torch.Tensor]
+LoglikFn = Callable[[Params, Any], torch.Tensor]
+
+NOT_A_MINIMUM = (
+    "theta is not a minimum of the NLL; train the single adapter to convergence first "
+    "(if V is only singular, e.g. from a parameter symmetry, use damping > 0)"
+)
+
+
+class NotAMinimumError(ValueError):
+    """V (the Hessian of the mean NLL) is not positive definite at theta."""
+
+
+def _loglik(loglik_fn: LoglikFn, params: Params, batch: Any) -> torch.Tensor:
+    """``loglik_fn(params, batch)``, checked to be the per-example vector ``[N]``."""
+    try:
+        loglik = loglik_fn(params, batch)
+    except NotImplementedError as error:  # e.g. SDPA attention kernels have no forward-mode derivative
+        raise NotImplementedError(f"{error}\nloglik_fn must support torch.func.jvp; for Hugging Face models load "
+                                  "with attn_implementation='eager'") from error
+    if loglik.dim() != 1:
+        raise ValueError(f"loglik_fn must return per-example log-likelihoods of shape [N]; got {tuple(loglik.shape)}")
+    return loglik
+
+
+def _fisher_vector_batch(loglik_fn: LoglikFn, params: Params, batch: Any, vector: Params) -> tuple[Params, int]:
+    """``(sum_i g_i (g_i . v), N)`` over one batch: G v by forward mode, then G^T (G v) by reverse mode."""
+
+    def batch_loglik(p: Params) -> torch.Tensor:
+        return _loglik(loglik_fn, p, batch)
+
+    _, scores_dot_v = jvp(batch_loglik, (params,), (vector,))  # [N]
+    _, pullback = vjp(batch_loglik, params)
+    (product,) = pullback(scores_dot_v.detach())
+    return product, scores_dot_v.shape[0]
+
+
+def _hessian_vector_batch(loglik_fn: LoglikFn, params: Params, batch: Any, vector: Params) -> tuple[Params, int]:
+    """``(Hessian of sum_i log p_i times v, N)`` over one batch (a jvp of the gradient)."""
+
+    def total_loglik(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        loglik = _loglik(loglik_fn, p, batch)
+        return loglik.sum(), loglik
+
+    _, product, loglik = jvp(grad(total_loglik, has_aux=True), (params,), (vector,), has_aux=True)
+    return product, loglik.shape[0]
+
+
+def _mean_over_batches(batch_product: Callable, loglik_fn: LoglikFn, params: Params, batches: Iterable, vector: Params):
+    """Sum a per-batch product over the data set and divide by the number of examples."""
+    total = {name: torch.zeros_like(value) for name, value in params.items()}
+    count = 0
+    for batch in batches:
+        product, size = batch_product(loglik_fn, params, batch, vector)
+        count += size
+        for name in total:
+            total[name] += product[name]
+    if count == 0:
+        raise ValueError("batches is empty: the data set must contain at least one example")
+    return {name: value / count for name, value in total.items()}
+
+
+def fisher_vector_product(loglik_fn: LoglikFn, params: Params, batches: Iterable, vector: Params) -> Params:
+    """Empirical Fisher times a vector, ``J v = mean_i g_i (g_i . v)``, with no per-example gradients.
+
+    Args:
+        loglik_fn: ``(params, batch) -> [N]`` per-example log-likelihoods, a pure function of ``params``.
+        params: theta, name -> tensor (P numbers in all).
+        batches: the data set; must be re-iterable (a list or a DataLoader). Examples are weighted equally, so
+            batches of different sizes are weighted by their size.
+        vector: v, the same names and shapes as ``params``.
+
+    Returns:
+        ``J v``, the same names and shapes as ``params``.
+    """
+    return _mean_over_batches(_fisher_vector_batch, loglik_fn, params, batches, vector)
+
+
+def hessian_vector_product(loglik_fn: LoglikFn, params: Params, batches: Iterable, vector: Params) -> Params:
+    """Observed information times a vector, ``V v = Hessian(mean_i -log p_i) v`` (forward-over-reverse).
+
+    Args and returns as in ``fisher_vector_product``.
+    """
+    product = _mean_over_batches(_hessian_vector_batch, loglik_fn, params, batches, vector)
+    return {name: -value for name, value in product.items()}
+
+
+@dataclass
+class StabilityResult:
+    """Outcome of ``critical_alpha``.
+
+    Attributes:
+        alpha_star: ``1 / lambda_max``; members separate for alpha above it (``inf`` when J v = 0 everywhere).
+        eigenvalues: top generalised eigenvalues of ``J x = lambda V x``, descending (fewer if P is smaller).
+        iterations: Lanczos steps taken (each one J v, one V v and one conjugate-gradient solve).
+        converged: whether every requested eigenvalue met ``tolerance``.
+        tolerance: the relative Ritz-residual tolerance used.
+        damping: the relative damping asked for; ``shift`` is the absolute one added to V.
+        shift: ``damping * tr(V) / P`` (one-probe estimate), added to V's diagonal.
+        direction: the top eigenvector, params-shaped, V-normalised: the direction in which members separate.
+    """
+
+    alpha_star: float
+    eigenvalues: list[float]
+    iterations: int
+    converged: bool
+    tolerance: float
+    damping: float
+    shift: float
+    direction: Params
+
+    def summary(self) -> str:
+        """One line in plain English."""
+        line = (f"alpha above ~{self.alpha_star:.3g} lets members separate on this data; below it a single model "
+                "is locally stable")
+        if math.isinf(self.alpha_star):
+            line = "no alpha lets members separate here (J v = 0 in every direction found); a single model is stable"
+        return line if self.converged else line + " (not converged: a rough estimate)"
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+class _Flat:
+    """Converts between params-shaped dicts and one flat vector ``[P]``."""
+
+    def __init__(self, params: Params) -> None:
+        self.names = list(params)
+        self.shapes = [params[name].shape for name in self.names]
+        self.sizes = [params[name].numel() for name in self.names]
+
+    def flatten(self, tensors: Params) -> torch.Tensor:
+        return torch.cat([tensors[name].reshape(-1) for name in self.names])  # [P]
+
+    def unflatten(self, vector: torch.Tensor) -> Params:
+        chunks = vector.split(self.sizes)
+        return {name: chunk.view(shape) for name, chunk, shape in zip(self.names, chunks, self.shapes, strict=True)}
+
+
+def _conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, tol: float, max_iter: int
+) -> tuple[torch.Tensor, bool]:
+    """Solve ``A x = rhs`` for symmetric positive-definite A; raises ``NotAMinimumError`` on non-positive curvature."""
+    solution = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    direction = residual.clone()
+    residual_sq = residual @ residual
+    target = tol**2 * residual_sq
+    for _ in range(max_iter):
+        if residual_sq <= target:
+            return solution, True
+        product = matvec(direction)
+        curvature = direction @ product
+        if not curvature > 0:
+            raise NotAMinimumError(f"{NOT_A_MINIMUM}: conjugate gradients met curvature {curvature.item():.3g} <= 0")
+        step = residual_sq / curvature
+        solution += step * direction
+        residual -= step * product
+        new_residual_sq = residual @ residual
+        direction = residual + (new_residual_sq / residual_sq) * direction
+        residual_sq = new_residual_sq
+    return solution, bool(residual_sq <= target)
+
+
+def critical_alpha(
+    loglik_fn: LoglikFn,
+    params: Params,
+    batches: Iterable,
+    *,
+    num_eigenvalues: int = 3,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    damping: float = 1e-4,
+    cg_max_iter: int = 100,
+    cg_tol: float | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> StabilityResult:
+    """The critical Renyi order ``alpha* = 1 / lambda_max(J x = lambda V x)`` at theta, matrix-free.
+
+    Lanczos with full re-orthogonalisation on V^{-1} J in the V inner product; each step costs one J v, one
+    conjugate-gradient solve of ``(V + shift I) z = J q`` and one V v. ``shift = damping * tr(V) / P``, with
+    tr(V) / P estimated from one random probe, keeps the solves well posed when V is singular in some directions
+    (e.g. LoRA's rescaling symmetry A -> cA, B -> B / c, along which J vanishes too); it can only lower the
+    eigenvalues, by a relative amount of order ``damping`` when V is well conditioned.
+
+    Args:
+        loglik_fn: ``(params, batch) -> [N]`` per-example log-likelihoods, a pure function of ``params``.
+        params: theta, name -> tensor (P numbers in all; float32 or float64). Detached here.
+        batches: the data set, re-iterated on every product (a one-shot iterator is turned into a list first).
+        num_eigenvalues: how many of the top eigenvalues must converge.
+        max_iter: most Lanczos steps.
+        tol: converged when each Ritz residual is below ``tol * lambda_max``.
+        damping: relative damping of V (>= 0), as above.
+        cg_max_iter: most conjugate-gradient steps per solve.
+        cg_tol: relative residual of each solve; default ``max(tol / 10, 100 * eps)`` of the dtype.
+        seed: seeds the random start vector.
+        progress: show a tqdm bar over Lanczos steps.
+
+    Returns:
+        ``StabilityResult``; warns when not converged. Raises ``NotAMinimumError`` (a ``ValueError``) when V is
+        not positive definite at theta.
+    """
+    if min(num_eigenvalues, max_iter, cg_max_iter) < 1 or not (damping >= 0 and tol > 0):
+        raise ValueError(f"need num_eigenvalues, max_iter, cg_max_iter >= 1, damping >= 0, tol > 0; got "
+                         f"{num_eigenvalues}, {max_iter}, {cg_max_iter}, {damping}, {tol}")
+    if iter(batches) is batches:
+        batches = list(batches)
+    params = {name: value.detach() for name, value in params.items()}
+    flat = _Flat(params)
+    reference = next(iter(params.values()))
+    eps = torch.finfo(reference.dtype).eps
+    cg_tol = max(tol / 10, 100 * eps) if cg_tol is None else cg_tol
+
+    def fisher(vector: torch.Tensor) -> torch.Tensor:  # [P] -> [P]
+        return flat.flatten(fisher_vector_product(loglik_fn, params, batches, flat.unflatten(vector)))
+
+    def hessian(vector: torch.Tensor) -> torch.Tensor:  # [P] -> [P]
+        return flat.flatten(hessian_vector_product(loglik_fn, params, batches, flat.unflatten(vector)))
+
+    num_params = sum(flat.sizes)
+    wanted = min(num_eigenvalues, num_params)
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(num_params, generator=generator, dtype=torch.float64).to(reference)  # [P]
+    start_product = hessian(start)
+    mean_curvature = (start @ start_product) / (start @ start)  # Hutchinson estimate of tr(V) / P
+    if not mean_curvature > 0:
+        raise NotAMinimumError(f"{NOT_A_MINIMUM}: mean curvature of V along a random direction is "
+                               f"{mean_curvature.item():.3g} <= 0")
+    shift = damping * mean_curvature.item()
+
+    def damped_hessian(vector: torch.Tensor) -> torch.Tensor:
+        return hessian(vector) + shift * vector
+
+    start_v = start_product + shift * start
+    norm = torch.sqrt(start @ start_v)
+    basis, basis_v = [start / norm], [start_v / norm]  # q_j and V q_j, orthonormal in the V inner product
+    projected = torch.zeros(max_iter, max_iter, dtype=torch.float64)  # T = Q^T J Q, the Rayleigh-Ritz matrix
+    unconverged_solves, converged, steps = 0, False, 0
+    bar = tqdm(total=max_iter, desc="critical alpha", disable=not progress)
+    for steps in range(1, max_iter + 1):
+        j = steps - 1
+        fisher_q = fisher(basis[j])  # J q_j
+        solution, solved = _conjugate_gradient(damped_hessian, fisher_q, cg_tol, cg_max_iter)  # V^{-1} J q_j
+        unconverged_solves += not solved
+        column = torch.stack([q @ fisher_q for q in basis]).double()  # q_i^T J q_j, i <= j
+        projected[: j + 1, j] = projected[j, : j + 1] = column
+        # Modified Gram-Schmidt in the V inner product <x, y>_V = (V x)^T y, twice for stability.
+        residual = solution.clone()
+        for _ in range(2):
+            for q, q_v in zip(basis, basis_v, strict=True):
+                residual -= (q_v @ residual) * q
+        residual_v = damped_hessian(residual)
+        beta_sq, scale = (residual @ residual_v).item(), max((solution @ fisher_q).item(), 0.0)
+        if beta_sq < -math.sqrt(eps) * scale:
+            raise NotAMinimumError(f"{NOT_A_MINIMUM}: V has curvature {beta_sq:.3g} < 0 in the Lanczos basis")
+        beta = math.sqrt(max(beta_sq, 0.0))
+        ritz_values, ritz_vectors = torch.linalg.eigh(projected[:steps, :steps])
+        ritz_values, ritz_vectors = ritz_values.flip(0), ritz_vectors.flip(1)  # descending
+        residuals = beta * ritz_vectors[-1, :wanted].abs()  # the Lanczos estimate of each Ritz pair's residual
+        # Breakdown: the Krylov space is invariant (e.g. P is small or eigenvalues repeat); its Ritz pairs are exact.
+        exhausted = beta <= math.sqrt(eps * scale) or steps == num_params
+        converged = exhausted or (steps >= wanted and bool((residuals <= tol * abs(ritz_values[0].item())).all()))
+        bar.update(1)
+        bar.set_postfix(lambda_max=f"{ritz_values[0].item():.4g}")
+        if converged or steps == max_iter:
+            break
+        basis.append(residual / beta)
+        basis_v.append(residual_v / beta)
+    bar.close()
+    if unconverged_solves:
+        warnings.warn(f"{unconverged_solves} of {steps} conjugate-gradient solves stopped at cg_max_iter="
+                      f"{cg_max_iter} above cg_tol={cg_tol:.2g}; increase cg_max_iter or damping", stacklevel=2)
+    if not converged:
+        warnings.warn(f"critical_alpha did not converge in max_iter={max_iter} Lanczos steps (tol={tol:.2g}); "
+                      "increase max_iter or tol", stacklevel=2)
+    lambda_max = ritz_values[0].item()
+    top_vector = ritz_vectors[:, 0].to(reference)  # [steps]
+    direction = sum(weight * q for weight, q in zip(top_vector, basis, strict=True))  # [P]
+    return StabilityResult(
+        alpha_star=1.0 / lambda_max if lambda_max > 0 else math.inf,
+        eigenvalues=ritz_values[:wanted].tolist(),
+        iterations=steps,
+        converged=converged,
+        tolerance=tol,
+        damping=damping,
+        shift=shift,
+        direction=flat.unflatten(direction),
+    )
