@@ -27,6 +27,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -61,9 +62,7 @@ def _loglik(loglik_fn: LoglikFn, params: Params, batch: Any) -> torch.Tensor:
 def _fisher_vector_batch(loglik_fn: LoglikFn, params: Params, batch: Any, vector: Params) -> tuple[Params, int]:
     """``(sum_i g_i (g_i . v), N)`` over one batch: G v by forward mode, then G^T (G v) by reverse mode."""
 
-    def batch_loglik(p: Params) -> torch.Tensor:
-        return _loglik(loglik_fn, p, batch)
-
+    batch_loglik = partial(_loglik, loglik_fn, batch=batch)
     _, scores_dot_v = jvp(batch_loglik, (params,), (vector,))  # [N]
     _, pullback = vjp(batch_loglik, params)
     (product,) = pullback(scores_dot_v.detach())
@@ -81,10 +80,11 @@ def _hessian_vector_batch(loglik_fn: LoglikFn, params: Params, batch: Any, vecto
     return product, loglik.shape[0]
 
 
-def _mean_over_batches(batch_product: Callable, loglik_fn: LoglikFn, params: Params, batches: Iterable, vector: Params):
+def _mean_over_batches(
+    batch_product: Callable, loglik_fn: LoglikFn, params: Params, batches: Iterable, vector: Params
+) -> Params:
     """Sum a per-batch product over the data set and divide by the number of examples."""
-    total = {name: torch.zeros_like(value) for name, value in params.items()}
-    count = 0
+    total, count = {name: torch.zeros_like(value) for name, value in params.items()}, 0
     for batch in batches:
         product, size = batch_product(loglik_fn, params, batch, vector)
         count += size
@@ -152,8 +152,7 @@ class StabilityResult:
             line = "no alpha lets members separate here (J v = 0 in every direction found); a single model is stable"
         return line if self.converged else line + " (not converged: a rough estimate)"
 
-    def __str__(self) -> str:
-        return self.summary()
+    __str__ = summary
 
 
 class _Flat:
@@ -176,9 +175,7 @@ def _conjugate_gradient(
     matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, tol: float, max_iter: int
 ) -> tuple[torch.Tensor, bool]:
     """Solve ``A x = rhs`` for symmetric positive-definite A; raises ``NotAMinimumError`` on non-positive curvature."""
-    solution = torch.zeros_like(rhs)
-    residual = rhs.clone()
-    direction = residual.clone()
+    solution, residual, direction = torch.zeros_like(rhs), rhs.clone(), rhs.clone()
     residual_sq = residual @ residual
     target = tol**2 * residual_sq
     for _ in range(max_iter):
@@ -191,9 +188,8 @@ def _conjugate_gradient(
         step = residual_sq / curvature
         solution += step * direction
         residual -= step * product
-        new_residual_sq = residual @ residual
-        direction = residual + (new_residual_sq / residual_sq) * direction
-        residual_sq = new_residual_sq
+        residual_sq, previous_sq = residual @ residual, residual_sq
+        direction = residual + (residual_sq / previous_sq) * direction
     return solution, bool(residual_sq <= target)
 
 

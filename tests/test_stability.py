@@ -1,0 +1,203 @@
+"""Critical alpha: matrix-free products against dense oracles, eigenvalues against scipy, and the toy's behaviour."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from functools import partial
+from pathlib import Path
+
+import pytest
+import scipy.linalg
+import torch
+from torch.func import functional_call
+
+from renyi_lora.stability import (
+    NotAMinimumError,
+    critical_alpha,
+    fisher_vector_product,
+    hessian_vector_product,
+)
+
+_spec = importlib.util.spec_from_file_location(
+    "toy_critical_alpha", Path(__file__).parents[1] / "examples" / "toy_critical_alpha.py"
+)
+toy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy)
+
+DTYPE = torch.float64
+NUM_FEATURES, NUM_EXAMPLES = 8, 90
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: a second thread only adds contention (400 toy steps take 13 s with 2, 0.1 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- a small misspecified logistic regression (nn.Linear through functional_call), fitted by Newton's method ---
+
+
+def _logistic_loglik(model: torch.nn.Module, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
+    features, labels = batch
+    logits = functional_call(model, params, (features,)).squeeze(-1)  # [N]
+    return -torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+
+
+def _flatten(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([value.reshape(-1) for value in params.values()])
+
+
+def _unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    chunks = vector.split([value.numel() for value in like.values()])
+    return {name: chunk.view(value.shape) for (name, value), chunk in zip(like.items(), chunks, strict=True)}
+
+
+def _dense(loglik_fn, params, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle: V [P, P] by autograd's hessian, J [P, P] from the per-example jacobian [N, P]."""
+
+    def loglik_flat(vector):
+        return loglik_fn(_unflatten(vector, params), batch)
+
+    theta = _flatten(params)
+    hessian = -torch.autograd.functional.hessian(lambda vector: loglik_flat(vector).mean(), theta)
+    scores = torch.autograd.functional.jacobian(loglik_flat, theta)  # [N, P]
+    return hessian, scores.T @ scores / scores.shape[0]
+
+
+@pytest.fixture(scope="module")
+def logistic():
+    """(loglik_fn, fitted params, uneven batches, the whole data as one batch, dense V, dense J)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(NUM_EXAMPLES, NUM_FEATURES, generator=generator, dtype=DTYPE)
+    # Labels depend on an interaction the linear model cannot represent: misspecified, so J != V.
+    noise = 0.5 * torch.randn(NUM_EXAMPLES, generator=generator, dtype=DTYPE)
+    labels = (features[:, 0] * features[:, 1] + features[:, 2] + noise > 0).to(DTYPE)
+    model = torch.nn.Linear(NUM_FEATURES, 1).to(DTYPE)
+    loglik_fn = partial(_logistic_loglik, model)
+    params = {name: value.detach().clone() for name, value in model.named_parameters()}
+    whole = (features, labels)
+    for _ in range(30):  # Newton's method to the maximum-likelihood point
+        hessian, _ = _dense(loglik_fn, params, whole)
+        theta = _flatten(params).requires_grad_()
+        (gradient,) = torch.autograd.grad(-loglik_fn(_unflatten(theta, params), whole).mean(), theta)
+        params = _unflatten(_flatten(params) - torch.linalg.solve(hessian, gradient), params)
+    assert gradient.abs().max() < 1e-10
+    batches = [(features[a:b], labels[a:b]) for a, b in [(0, 13), (13, 50), (50, NUM_EXAMPLES)]]
+    hessian, fisher = _dense(loglik_fn, params, whole)
+    return loglik_fn, params, batches, hessian, fisher
+
+
+def test_products_equal_dense_matrices(logistic):
+    loglik_fn, params, batches, hessian, fisher = logistic
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        vector = _unflatten(torch.randn(len(hessian), generator=generator, dtype=DTYPE), params)
+        expected_v, expected_j = hessian @ _flatten(vector), fisher @ _flatten(vector)
+        got_v = _flatten(hessian_vector_product(loglik_fn, params, batches, vector))
+        got_j = _flatten(fisher_vector_product(loglik_fn, params, batches, vector))
+        torch.testing.assert_close(got_v, expected_v, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(got_j, expected_j, rtol=1e-8, atol=1e-10)
+
+
+def test_eigenvalues_equal_scipy_generalised_eigh(logistic):
+    loglik_fn, params, batches, hessian, fisher = logistic
+    expected = scipy.linalg.eigh(fisher.numpy(), hessian.numpy(), eigvals_only=True)[::-1]
+    assert expected[0] > 1.05 * expected[1]  # a clear top eigenvalue: the comparison is not vacuous
+
+    result = critical_alpha(loglik_fn, params, batches, num_eigenvalues=3, damping=0.0, tol=1e-9)
+    assert result.converged and result.iterations < len(hessian) + 1
+    assert result.eigenvalues == pytest.approx(expected[:3].tolist(), rel=1e-4)
+    assert result.alpha_star == pytest.approx(1 / expected[0], rel=1e-4)
+    # The returned direction is the top eigenvector: J x = lambda V x.
+    direction = _flatten(result.direction)
+    torch.testing.assert_close(fisher @ direction, expected[0] * hessian @ direction, rtol=1e-5, atol=1e-8)
+    assert f"{result.alpha_star:.3g}" in str(result) and "separate" in str(result)
+
+    # The default relative damping lowers lambda_max by about `damping`, no more.
+    damped = critical_alpha(loglik_fn, params, iter(batches))  # a one-shot iterator is accepted too
+    assert damped.eigenvalues[0] == pytest.approx(expected[0], rel=5 * damped.damping)
+    assert damped.eigenvalues[0] <= expected[0]
+
+
+def test_not_converged_warns(logistic):
+    loglik_fn, params, batches, _, _ = logistic
+    with pytest.warns(UserWarning, match="did not converge"):
+        result = critical_alpha(loglik_fn, params, batches, max_iter=2, tol=1e-12)
+    assert not result.converged and result.iterations == 2 and "not converged" in result.summary()
+
+
+def test_loglik_must_be_per_example(logistic):
+    _, params, batches, _, _ = logistic
+    with pytest.raises(ValueError, match=r"shape \[N\]"):
+        critical_alpha(lambda p, batch: p["weight"].sum(), params, batches)
+
+
+# --- the misspecified Gaussian toy (examples/toy_critical_alpha.py) ---
+
+
+@pytest.mark.parametrize(("m", "s"), [(0.5, 1.0), (1.0, 1.0), (2.0, 1.0), (1.0, 0.5), (3.0, 2.0)])
+def test_toy_recovers_analytic_alpha_star(m, s):
+    # The moment-matched sample has exactly mean 0 and mean(y^2) = 1 + m^2: no sampling noise.
+    result = toy.toy_critical_alpha(toy.sample_toy(m, 400, seed=3), s)
+    assert result.converged
+    assert result.alpha_star == pytest.approx(s**2 / (1 + m**2), rel=0.02)
+
+
+@pytest.mark.parametrize(("m", "s"), [(2.0, 1.0), (1.0, 1.0)])
+def test_members_stay_together_below_and_separate_above(m, s):
+    y = toy.sample_toy(m, 400, seed=4)
+    alpha_star = toy.toy_critical_alpha(y, s).alpha_star
+    together = toy.train_members(y, s, 0.5 * alpha_star)
+    apart = toy.train_members(y, s, 2.0 * alpha_star)
+    assert (together[0] - together[1]).abs() < 1e-4  # started at 2e-3 apart: the split decays
+    assert (apart[0] - apart[1]).abs() > m  # grows from 2e-3 to a separation comparable to the bumps'
+
+
+# --- DESIGN.md's boundary: well specified gives alpha* = 1 ---
+
+
+@pytest.mark.parametrize("positive_fraction", [0.5, 0.25])
+def test_well_specified_categorical_gives_alpha_star_one(positive_fraction):
+    counts = [4, 8, 12, 20]  # examples per prompt, uneven
+    prompts = torch.cat([torch.full((count,), index) for index, count in enumerate(counts)])
+    labels = torch.cat([(torch.arange(count) < positive_fraction * count).to(DTYPE) for count in counts])
+
+    def loglik_fn(params, batch):
+        prompt, label = batch
+        return -torch.nn.functional.binary_cross_entropy_with_logits(params["logits"][prompt], label, reduction="none")
+
+    # One free logit per prompt, fitted in closed form: the empirical log-odds (0 for 50/50 labels).
+    fitted = {"logits": torch.full((len(counts),), math.log(positive_fraction / (1 - positive_fraction)), dtype=DTYPE)}
+    batches = [(prompts[:15], labels[:15]), (prompts[15:], labels[15:])]
+    assert critical_alpha(loglik_fn, fitted, batches).alpha_star == pytest.approx(1.0, rel=0.05)
+    assert toy.toy_critical_alpha(toy.sample_toy(1.0, 400), 1.0).alpha_star < 1  # misspecified
+
+
+# --- theta that is not a minimum of the NLL ---
+
+
+def test_negated_toy_raises_not_a_minimum():
+    y = toy.sample_toy(1.0, 400)
+
+    def negated(params, batch):
+        return -toy.toy_loglik(params, batch, 1.0)
+
+    with pytest.raises(NotAMinimumError, match="theta is not a minimum of the NLL"):
+        critical_alpha(negated, {"theta": torch.zeros(1, dtype=DTYPE)}, [y])
+
+
+def test_saddle_raises_not_a_minimum():
+    # Quadratic NLL with curvature (1, 1, 1, 1, -0.3): the random probe sees positive mean curvature, so the
+    # negative direction must be found by the conjugate-gradient or Lanczos checks.
+    curvature = torch.tensor([1.0, 1.0, 1.0, 1.0, -0.3], dtype=DTYPE)
+    targets = torch.randn(50, 5, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+
+    def loglik_fn(params, batch):
+        return -0.5 * ((params["theta"] - batch) ** 2 * curvature).sum(-1)
+
+    with pytest.raises(NotAMinimumError, match="train the single adapter to convergence first"):
+        critical_alpha(loglik_fn, {"theta": targets.mean(0)}, [targets])
