@@ -52,6 +52,25 @@ def dpo(argv: list[str]) -> None:
     _print_routing(summary)
 
 
+@command("eval", "Multiple-choice evaluation: calibration, uncertainty and routing of the mixture, members, groups.")
+def evaluate(argv: list[str]) -> None:
+    from renyi_lora.evaluate import EvalArguments, results_table, run_eval
+
+    (args,) = _parse("eval", (EvalArguments,), argv)
+    results = run_eval(args)
+    print(results_table(results))
+    if args.output:
+        print(f"\nwrote {args.output} and, next to it, the plots and the report")
+
+
+@command("generate", "Generate from the ensemble (mixture, each member, or a sampled member) with per-token MI.")
+def generate(argv: list[str]) -> None:
+    from renyi_lora.generate import GenerateArguments, format_results, run_generate
+
+    (args,) = _parse("generate", (GenerateArguments,), argv)
+    print(format_results(run_generate(args), args.members))
+
+
 def _print_routing(summary: dict) -> None:
     print("\nrouting over the training set (mean responsibility of each member):")
     for group, row in summary["routing"].items():

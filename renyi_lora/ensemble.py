@@ -83,6 +83,7 @@ class EnsembleLoraLayer(nn.Module):
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.disabled = False
+        self.use_reference = False  # run the frozen reference copies (ref_A, ref_B) instead of the trained ones
 
     @property
     def num_members(self) -> int:
@@ -93,8 +94,9 @@ class EnsembleLoraLayer(nn.Module):
         out = self.base_layer(x)
         if self.disabled:
             return out
-        xk = self.dropout(x).to(self.lora_A.dtype).reshape(self.num_members, -1, x.shape[-1])  # [K, B*T, Din]
-        delta = torch.bmm(torch.bmm(xk, self.lora_A.mT), self.lora_B.mT)  # [K, B*T, Dout]
+        A, B = (self.ref_A, self.ref_B) if self.use_reference else (self.lora_A, self.lora_B)
+        xk = self.dropout(x).to(A.dtype).reshape(self.num_members, -1, x.shape[-1])  # [K, B*T, Din]
+        delta = torch.bmm(torch.bmm(xk, A.mT), B.mT)  # [K, B*T, Dout]
         return out + self.scaling * delta.reshape(out.shape).to(out.dtype)
 
 
@@ -130,7 +132,7 @@ class LoraEnsemble(nn.Module):
 
     def __init__(self, model: nn.Module, config: EnsembleConfig, module_names: list[str] | None = None) -> None:
         super().__init__()
-        self.config = config
+        self.ensemble_config = config  # not `config`: the Trainer reads `model.config` as a transformers config
         self.model = model
         model.requires_grad_(False)
         self.module_names = module_names or find_target_modules(
@@ -191,7 +193,7 @@ class LoraEnsemble(nn.Module):
 
     @property
     def num_members(self) -> int:
-        return self.config.num_members
+        return self.ensemble_config.num_members
 
     def lora_layers(self) -> dict[str, EnsembleLoraLayer]:
         return {name: self.model.get_submodule(name) for name in self.module_names}
@@ -252,6 +254,26 @@ class LoraEnsemble(nn.Module):
         finally:
             for layer, state in zip(layers, previous, strict=True):
                 layer.disabled = state
+
+    def freeze_reference(self) -> None:
+        """Keep a frozen copy of the current adapters (e.g. an SFT ensemble) as each member's DPO reference."""
+        for layer in self.lora_layers().values():
+            layer.register_buffer("ref_A", layer.lora_A.detach().clone(), persistent=False)
+            layer.register_buffer("ref_B", layer.lora_B.detach().clone(), persistent=False)
+
+    @contextmanager
+    def reference_adapters(self) -> Iterator[None]:
+        """Run every member with its frozen reference copy (see ``freeze_reference``); restored on exit."""
+        layers = list(self.lora_layers().values())
+        if not hasattr(layers[0], "ref_A"):
+            raise RuntimeError("no reference adapters: call freeze_reference() first")
+        try:
+            for layer in layers:
+                layer.use_reference = True
+            yield
+        finally:
+            for layer in layers:
+                layer.use_reference = False
 
     # Save / load / export live in renyi_lora.io; these are the conventional entry points.
     def save_pretrained(self, directory: str) -> None:

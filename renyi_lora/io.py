@@ -50,7 +50,7 @@ def save_ensemble(ensemble: LoraEnsemble, directory: str | os.PathLike) -> None:
         tensors[f"{name}.lora_B"] = layer.lora_B.detach().contiguous().cpu()
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _write_json(out / CONFIG_NAME, {
-        "ensemble": asdict(ensemble.config),
+        "ensemble": asdict(ensemble.ensemble_config),
         "module_names": ensemble.module_names,
         "base_model_name_or_path": _base_name(ensemble.model),
         "format_version": FORMAT_VERSION,
@@ -110,7 +110,7 @@ def export_peft(ensemble: LoraEnsemble, directory: str | os.PathLike, member: in
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    config = ensemble.config
+    config = ensemble.ensemble_config
     tensors, conv1d = {}, False
     for name, layer in ensemble.lora_layers().items():
         conv1d |= isinstance(layer.base_layer, Conv1D)

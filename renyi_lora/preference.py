@@ -3,8 +3,9 @@
 For member k, ``h_k = beta * [(log pi_k(y_w|x) - log ref(y_w|x)) - (log pi_k(y_l|x) - log ref(y_l|x))]`` and
 ``L[k, b] = log sigmoid(h_k)`` enters the same ``renyi_loss``; with K = 1 this is exactly TRL's sigmoid DPO
 loss. The reference is the base model with adapters disabled, run once per batch on the 2B rows (never K
-times), or, with ``reference="initial"``, each member's own starting adapter, whose log-probabilities are
-precomputed once before training so that no second model is kept in memory.
+times), or, with ``reference="initial"``, each member's own starting adapter, held as frozen stacked tensors
+inside the same layers (no second model): one no-grad pass over the K*2B rows, so that the log-ratios are
+exactly zero at step 0.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from typing import Literal
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
-from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.objective import renyi_loss
 from renyi_lora.train import RenyiConfig, RenyiTrainer
 
@@ -68,8 +67,9 @@ class RenyiDPOTrainer(RenyiTrainer):
         args: DPOConfig = self.args
         policy = _sequence_logps(model, inputs)  # [K, 2B]
         B = policy.shape[1] // 2
-        if "ref_logps" in inputs:  # precomputed per-member reference ("initial")
-            reference = inputs["ref_logps"].T  # [K, 2B]
+        if args.reference == "initial":
+            with torch.no_grad(), self.ensemble.reference_adapters():
+                reference = _sequence_logps(model, inputs)  # [K, 2B]: each member's own starting adapter
         else:
             with torch.no_grad(), self.ensemble.adapters_disabled():
                 reference = _sequence_logps(model, inputs)[0]  # [2B]: one base forward, shared by all members
@@ -101,34 +101,3 @@ class RenyiDPOTrainer(RenyiTrainer):
             })
         for key, value in values.items():
             metrics[key].append(self.accelerator.gather_for_metrics(value.detach()[None]).mean().item())
-
-
-@torch.no_grad()
-def precompute_reference_logps(ensemble: LoraEnsemble, dataset, collator, batch_size: int = 8) -> None:
-    """Store each member's starting log-probs in the examples (``ref_logps``: ``[K, 2]`` chosen, rejected)."""
-    was_training = ensemble.training
-    ensemble.eval()
-    device = next(ensemble.parameters()).device
-    start = 0
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-        logps = _sequence_logps(ensemble, {k: v.to(device) for k, v in batch.items()}).cpu()  # [K, 2B]
-        B = logps.shape[1] // 2
-        for b in range(B):
-            dataset.examples[start + b]["ref_logps"] = torch.stack([logps[:, b], logps[:, B + b]], 1).tolist()
-        start += B
-    ensemble.train(was_training)
-
-
-@dataclass
-class PreferenceCollatorWithReference:
-    """Wraps a preference collator and stacks precomputed ``ref_logps`` into ``[B, K]`` chosen then rejected."""
-
-    collator: object
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.collator(examples)
-        if "ref_logps" in examples[0]:
-            ref = torch.tensor([e["ref_logps"] for e in examples])  # [B, K, 2]
-            batch["ref_logps"] = torch.cat([ref[..., 0], ref[..., 1]], 0)  # [2B, K]
-        return batch
-

@@ -96,7 +96,7 @@ def run_sft(model_args: ModelArguments, data_args: DataArguments, config: RenyiC
 def run_dpo(model_args: ModelArguments, data_args: DataArguments, config) -> dict:
     """Train an ensemble by alpha-Renyi DPO (``config``: ``DPOConfig``) and write its outputs."""
     from renyi_lora.data import PreferenceCollator, load_preference_dataset
-    from renyi_lora.preference import PreferenceCollatorWithReference, RenyiDPOTrainer, precompute_reference_logps
+    from renyi_lora.preference import RenyiDPOTrainer
 
     if config.reference == "initial" and not model_args.adapters:
         raise ValueError("--reference initial needs --adapters DIR (the saved ensemble to start from)")
@@ -107,14 +107,12 @@ def run_dpo(model_args: ModelArguments, data_args: DataArguments, config) -> dic
         if data_args.eval_data else None
     model, _ = load_model_and_tokenizer(model_args.model, model_args.trust_remote_code, torch_dtype=torch.float32)
     ensemble = build_ensemble(model_args, config, model)
-    collator = PreferenceCollatorWithReference(PreferenceCollator(tokenizer.pad_token_id))
     if config.reference == "initial":
-        for dataset in (train_dataset, eval_dataset):
-            if dataset is not None:
-                precompute_reference_logps(ensemble, dataset, collator, config.per_device_eval_batch_size)
+        ensemble.freeze_reference()
     trainer = RenyiDPOTrainer(
         model=ensemble, args=config, group_names=train_dataset.group_names, train_dataset=train_dataset,
-        eval_dataset=eval_dataset, data_collator=collator, processing_class=tokenizer,
+        eval_dataset=eval_dataset, data_collator=PreferenceCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     extra = {"eval": trainer.evaluate()} if eval_dataset is not None else {}

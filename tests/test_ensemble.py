@@ -200,7 +200,7 @@ def test_save_load_is_exact_and_selects_members(tiny_llama, tmp_path, batch):
         assert torch.equal(restored(input_ids, mask), logits)
         subset = LoraEnsemble.from_pretrained(copy.deepcopy(pristine), tmp_path, members=[2, 0])
         assert torch.equal(subset(input_ids, mask), logits[[2, 0]])
-    assert restored.config == ensemble.config
+    assert restored.ensemble_config == ensemble.ensemble_config
     with pytest.raises(ValueError, match="members"):
         LoraEnsemble.from_pretrained(copy.deepcopy(pristine), tmp_path, members=[3])
 
