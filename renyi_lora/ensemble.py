@@ -174,8 +174,9 @@ class LoraEnsemble(nn.Module):
         def repeat(value, position: int | None = None):
             if isinstance(value, tuple):
                 return tuple(repeat(v) for v in value)
-            # A leading dim of 1 broadcasts over the K*B rows already, except for the hidden states themselves.
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == B and (B > 1 or position == 0):
+            # A leading dim of 1 broadcasts over the K*B rows already, except for the hidden states themselves;
+            # 1-D tensors (cache positions [T]) are not per row.
+            if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[0] == B and (B > 1 or position == 0):
                 return self._repeat(value)
             return value
 

@@ -1,0 +1,321 @@
+"""Multiple-choice evaluation of an ensemble: calibration, uncertainty and routing, for the mixture, each
+member and each group.
+
+Each choice is scored by each member's log-likelihood of the choice's tokens after the prompt (sum, or mean
+with ``length_normalize``), all (item, choice) rows batched through one ensemble forward per batch; a
+log-softmax over an item's choices gives member distributions ``[K, N, C]`` (items with fewer choices are
+padded with -inf, probability 0), mixed with weights ``pi`` (uniform by default). The posterior routing of
+an item is ``w_k ∝ pi_k p_k(correct | prompt)`` (the alpha = 1 responsibility).
+
+``base_only`` runs the same code with the adapters disabled (K = 1); a subset of a saved ensemble is
+evaluated by loading only those members (``LoraEnsemble.from_pretrained(..., members=[...])``), so single
+adapters, subsets and the whole ensemble are compared by one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from renyi_lora.data import DataError, MultipleChoiceItem
+from renyi_lora.models import DEFAULT_MODEL
+from renyi_lora.objective import responsibilities
+from renyi_lora.token_uncertainty import active_members, encode_pair, normalised_log_weights, pad_right
+from renyi_lora.uncertainty import (
+    accuracy,
+    area_under_risk_coverage,
+    auroc,
+    brier_score,
+    decompose_uncertainty,
+    entropy,
+    expected_calibration_error,
+    mixture_log_probs,
+    negative_log_likelihood,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from renyi_lora.ensemble import LoraEnsemble
+
+NO_GROUP = "(none)"
+
+
+@dataclass
+class EvalArguments:
+    """Flags of ``renyi-lora eval``."""
+
+    data: str = field(default=None, metadata={"help": "Multiple-choice file (.jsonl, .json or .parquet) of "
+                      "{prompt, choices, answer[, group]} records."})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base causal LM: 'smollm2-135m' (embedded), a local "
+                       "Hugging Face folder or a hub id."})
+    adapters: str | None = field(default=None, metadata={"help": "Saved ensemble folder (required unless "
+                                 "--base_only)."})
+    output: str | None = field(default=None, metadata={"help": "Write the results JSON here; the plots and "
+                               "<stem>_report.md are written next to it."})
+    length_normalize: bool = field(default=False, metadata={"help": "Score a choice by its mean token "
+                                   "log-likelihood instead of the sum."})
+    base_only: bool = field(default=False, metadata={"help": "Evaluate the base model alone (adapters disabled, "
+                            "K = 1) through the same code."})
+    members: list[int] | None = field(default=None, metadata={"help": "Evaluate only these members of the saved "
+                                      "ensemble (e.g. --members 0 2)."})
+    weights: list[float] | None = field(default=None, metadata={"help": "Mixture weights, one per evaluated member "
+                                        "(normalised); uniform if omitted."})
+    batch_size: int = field(default=16, metadata={"help": "(item, choice) rows per forward pass."})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder/hub."})
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("--data is required: a multiple-choice .jsonl, .json or .parquet file")
+        if not Path(self.data).is_file():
+            raise FileNotFoundError(f"--data {self.data}: file not found")
+        if not self.adapters and not self.base_only:
+            raise ValueError("--adapters DIR is required (a saved ensemble), unless --base_only")
+        if self.members is not None and not self.adapters:
+            raise ValueError("--members needs --adapters DIR (the saved ensemble to take members from)")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1; got {self.batch_size}")
+
+
+def encode_choices(tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleChoiceItem]
+                   ) -> list[tuple[list[int], list[int]]]:
+    """``(prompt_ids, choice_ids)`` for every (item, choice), item-major; a choice with no tokens is a
+    ``DataError`` naming the item's line."""
+    rows = []
+    for item in items:
+        for c, choice in enumerate(item.choices):
+            prompt_ids, choice_ids = encode_pair(tokenizer, item.prompt, choice)
+            if not choice_ids:
+                raise DataError(f"item at line {item.line}, field 'choices[{c}]': {choice!r} encodes to no tokens "
+                                "after the prompt; expected a choice with some text")
+            rows.append((prompt_ids, choice_ids))
+    return rows
+
+
+@torch.no_grad()
+def choice_log_probs(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleChoiceItem],
+                     length_normalize: bool = False, batch_size: int = 16) -> torch.Tensor:
+    """Each member's distribution over each item's choices, ``[K, N, C]`` float64 (-inf past an item's choices).
+
+    A choice's score is the member's log-likelihood of its tokens after the prompt (mean if
+    ``length_normalize``); the distribution is the log-softmax of the scores over the item's choices.
+    """
+    rows = encode_choices(tokenizer, items)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(ensemble.parameters()).device
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        input_ids, attention_mask, labels = pad_right([p for p, _ in batch], [c for _, c in batch], pad, device)
+        token = ensemble(input_ids, attention_mask, labels=labels)  # [K, b, T]
+        score = token.double().sum(-1)  # [K, b]
+        if length_normalize:
+            score = score / torch.tensor([len(c) for _, c in batch], dtype=torch.float64, device=device)
+        scores.append(score.cpu())
+    flat = torch.cat(scores, dim=1)  # [K, sum of choices]
+    K, C = flat.shape[0], max(len(item.choices) for item in items)
+    padded = torch.full((K, len(items), C), -torch.inf, dtype=torch.float64)  # [K, N, C]
+    start = 0
+    for n, item in enumerate(items):
+        padded[:, n, : len(item.choices)] = flat[:, start:start + len(item.choices)]
+        start += len(item.choices)
+    return torch.log_softmax(padded, dim=-1)
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN or infinity: undefined scores (AUROC with one class, NLL of a zero probability) -> null."""
+    return value if math.isfinite(value) else None
+
+
+def _prediction_scores(log_probs: torch.Tensor, answers: torch.Tensor, num_bins: int) -> dict:
+    """Accuracy, ECE, NLL and Brier of one predictive distribution ``log_probs [N, C]``."""
+    probs = log_probs.exp()
+    return {"accuracy": accuracy(probs, answers), "ece": expected_calibration_error(probs, answers, num_bins),
+            "nll": _finite(negative_log_likelihood(probs, answers)), "brier": brier_score(probs, answers)}
+
+
+def multiple_choice_metrics(member_log_probs: torch.Tensor, answers: torch.Tensor,
+                            log_weights: torch.Tensor | None = None, num_bins: int = 15) -> dict:
+    """Metrics of the mixture and of each member on one set of items.
+
+    Args:
+        member_log_probs: ``[K, N, C]`` member distributions over choices.
+        answers: ``[N]`` index of the correct choice.
+        log_weights: ``[K]`` normalised log mixture weights; uniform if None.
+        num_bins: equal-width confidence bins for the ECE.
+
+    Returns:
+        ``{"num_items", "mixture": {accuracy, ece, nll, brier, total, aleatoric, epistemic, auroc_mi_errors,
+        auroc_total_errors, aurc, aurc_mi}, "members": [{accuracy, ece, nll, brier, entropy}] * K,
+        "routing": [K]}`` with routing the mean alpha = 1 responsibility for the correct answer.
+    """
+    mixture = mixture_log_probs(member_log_probs, log_weights)  # [N, C]
+    uncertainty = decompose_uncertainty(member_log_probs, log_weights)  # each [N]
+    correct = mixture.argmax(-1) == answers  # [N]
+    mixture_metrics = {
+        **_prediction_scores(mixture, answers, num_bins),
+        **{name: value.mean().item() for name, value in uncertainty._asdict().items()},
+        "auroc_mi_errors": _finite(auroc(uncertainty.epistemic, ~correct)),
+        "auroc_total_errors": _finite(auroc(uncertainty.total, ~correct)),
+        "aurc": area_under_risk_coverage(uncertainty.total, correct),
+        "aurc_mi": area_under_risk_coverage(uncertainty.epistemic, correct),
+    }
+    members = [{**_prediction_scores(lp, answers, num_bins), "entropy": entropy(lp).mean().item()}
+               for lp in member_log_probs]
+    correct_loglik = member_log_probs.gather(-1, answers.expand(len(member_log_probs), -1)[..., None])[..., 0]
+    routing = responsibilities(correct_loglik, 1.0, log_weights)  # [K, N]
+    return {"num_items": len(answers), "mixture": mixture_metrics, "members": members,
+            "routing": routing.mean(-1).tolist()}
+
+
+def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase,
+                             items: Sequence[MultipleChoiceItem], length_normalize: bool = False,
+                             batch_size: int = 16, weights: Sequence[float] | None = None, base_only: bool = False,
+                             member_ids: Sequence[int] | None = None, num_bins: int = 15) -> dict:
+    """Evaluate the ensemble (or the base model alone, ``base_only``) on multiple-choice ``items``.
+
+    Returns a JSON-serialisable dict: the settings, ``mixture`` / ``members`` / ``routing`` over all items
+    (see ``multiple_choice_metrics``), ``groups`` (the same per group), ``mean_mi_by_group``, ``routing_matrix``
+    ``{"groups", "members", "matrix" [G][K]}`` and one record per item in ``items``.
+    """
+    if not items:
+        raise ValueError("no items to evaluate")
+    disabled = ensemble.adapters_disabled() if base_only else contextlib.nullcontext()
+    with disabled:
+        K = active_members(ensemble)
+        member_log_probs = choice_log_probs(ensemble, tokenizer, items, length_normalize, batch_size)  # [K, N, C]
+    member_ids = list(member_ids) if member_ids is not None and not base_only else list(range(K))
+    if len(member_ids) != K:
+        raise ValueError(f"member_ids {member_ids} must name the {K} evaluated members")
+    log_weights = normalised_log_weights(weights, K)
+    answers = torch.tensor([item.answer for item in items])
+    results = {"num_items": len(items), "num_members": K, "member_ids": member_ids, "base_only": base_only,
+               "length_normalize": length_normalize, "weights": log_weights.exp().tolist(),
+               **multiple_choice_metrics(member_log_probs, answers, log_weights, num_bins)}
+    group_of = [item.group if item.group is not None else NO_GROUP for item in items]
+    names = list(dict.fromkeys(group_of))
+    results["groups"] = {}
+    for name in names:
+        index = torch.tensor([n for n, g in enumerate(group_of) if g == name])
+        results["groups"][name] = multiple_choice_metrics(member_log_probs[:, index], answers[index], log_weights,
+                                                          num_bins)
+    results["mean_mi_by_group"] = {name: g["mixture"]["epistemic"] for name, g in results["groups"].items()}
+    results["routing_matrix"] = {"groups": names, "members": member_ids,
+                                 "matrix": [results["groups"][name]["routing"] for name in names]}
+    mixture = mixture_log_probs(member_log_probs, log_weights)
+    uncertainty = decompose_uncertainty(member_log_probs, log_weights)
+    correct_loglik = member_log_probs.gather(-1, answers.expand(K, -1)[..., None])[..., 0]  # [K, N]
+    routing = responsibilities(correct_loglik, 1.0, log_weights)  # [K, N]
+    results["items"] = [{
+        "line": item.line, "group": group_of[n], "answer": item.answer,
+        "prediction": int(mixture[n].argmax()), "correct": bool(mixture[n].argmax() == item.answer),
+        "probs": mixture[n, : len(item.choices)].exp().tolist(),
+        "member_predictions": member_log_probs[:, n].argmax(-1).tolist(),
+        "total": uncertainty.total[n].item(), "aleatoric": uncertainty.aleatoric[n].item(),
+        "epistemic": uncertainty.epistemic[n].item(), "responsibility": routing[:, n].tolist(),
+    } for n, item in enumerate(items)]
+    return results
+
+
+def format_number(value) -> str:
+    """Floats with 3 decimals, below 5e-4 in scientific notation (tiny MIs of nearly identical members would all
+    print as 0.000); None as '-'; anything else as ``str``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1e}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
+    return str(value)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned; cells by ``format_number``."""
+    cells = [list(header)] + [[format_number(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths,
+                                                                                                  strict=True)))
+             for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def results_table(results: dict) -> str:
+    """The printed summary of ``evaluate_multiple_choice``'s results: metrics, error detection, routing."""
+    def row(label: str, n: int, metrics: dict, uncertainty: tuple) -> list:
+        return [label, n, metrics["accuracy"], metrics["ece"], metrics["nll"], metrics["brier"], *uncertainty]
+
+    def mixture_row(label: str, block: dict) -> list:
+        m = block["mixture"]
+        return row(label, block["num_items"], m, (m["total"], m["aleatoric"], m["epistemic"]))
+
+    names = [f"member {k}" for k in results["member_ids"]] if not results["base_only"] else ["base model"]
+    rows = [mixture_row("mixture" if not results["base_only"] else "base model", results)]
+    if results["num_members"] > 1:
+        rows += [row(name, results["num_items"], m, (m["entropy"], None, None))
+                 for name, m in zip(names, results["members"], strict=True)]
+    rows += [mixture_row(f"group {name}", block) for name, block in results["groups"].items()]
+    header = ["", "n", "acc", "ECE", "NLL", "Brier", "total", "aleatoric", "MI"]
+    m = results["mixture"]
+    detection = format_table(["errors vs uncertainty", "AUROC(MI)", "AUROC(total)", "AURC(total)", "AURC(MI)"],
+                             [["all items", m["auroc_mi_errors"], m["auroc_total_errors"], m["aurc"], m["aurc_mi"]]])
+    routing = results["routing_matrix"]
+    routing_rows = [[f"group {g}", *r] for g, r in zip(routing["groups"], routing["matrix"], strict=True)]
+    routing_rows.append(["all items", *results["routing"]])
+    routing_table = format_table(["responsibility for the correct answer", *names], routing_rows)
+    return "\n\n".join([format_table(header, rows), detection, routing_table])
+
+
+def write_report(results: dict, output: str | Path) -> list[Path]:
+    """Write the results JSON to ``output`` and next to it ``<stem>_reliability.png``, ``<stem>_routing.png``,
+    ``<stem>_mi_histogram.png`` and ``<stem>_report.md`` (the table and the figures); returns the paths."""
+    from renyi_lora.plots import mi_histogram, reliability_diagram, routing_heatmap
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    stem, items = output.parent / output.stem, results["items"]
+    title = "base model" if results["base_only"] else f"mixture of {results['num_members']} members"
+    reliability = reliability_diagram([max(i["probs"]) for i in items], [i["correct"] for i in items],
+                                      f"{stem}_reliability.png", title=f"Reliability, {title}")
+    routing = routing_heatmap(results["routing_matrix"]["matrix"], results["routing_matrix"]["groups"],
+                              f"{stem}_routing.png", title="Responsibility for the correct answer (alpha = 1)")
+    by_group = {name: [i["epistemic"] for i in items if i["group"] == name] for name in results["groups"]}
+    histogram = mi_histogram(by_group, f"{stem}_mi_histogram.png", title="Mutual information by group")
+    report = Path(f"{stem}_report.md")
+    figures = "\n\n".join(f"![{p.stem}]({p.name})" for p in (reliability, routing, histogram))
+    report.write_text(f"# Multiple-choice evaluation ({title})\n\nResults: `{output.name}`\n\n```\n"
+                      f"{results_table(results)}\n```\n\n{figures}\n")
+    return [output, reliability, routing, histogram, report]
+
+
+def run_eval(args: EvalArguments) -> dict:
+    """What ``renyi-lora eval`` does: validate the data, load the model and ensemble, evaluate, write files."""
+    from renyi_lora.data import load_multiple_choice
+    from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+    from renyi_lora.models import check_model_exists, load_model_and_tokenizer
+
+    items = load_multiple_choice(args.data)  # bad data fails before the model loads
+    check_model_exists(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, torch_dtype=torch.float32)
+    model.to(resolve_device(args.device)).eval()
+    if args.adapters:
+        ensemble = LoraEnsemble.from_pretrained(model, args.adapters, members=args.members)
+    else:  # base_only without a saved ensemble: one fresh member, disabled anyway
+        ensemble = LoraEnsemble(model, EnsembleConfig(num_members=1))
+    results = evaluate_multiple_choice(ensemble, tokenizer, items, args.length_normalize, args.batch_size,
+                                       args.weights, args.base_only, args.members)
+    results.update(data=args.data, model=args.model, adapters=args.adapters)
+    if args.output:
+        write_report(results, args.output)
+    return results
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
