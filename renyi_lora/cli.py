@@ -71,6 +71,14 @@ def generate(argv: list[str]) -> None:
     print(format_results(run_generate(args), args.members))
 
 
+@command("demo", "Soft specialists at work: train K=4 at alpha 0, 1, 4 and K=1 on generated data, evaluate, report.")
+def demo(argv: list[str]) -> None:
+    from renyi_lora.demo import DemoArguments, run_demo
+
+    (args,) = _parse("demo", (DemoArguments,), argv)
+    run_demo(args)
+
+
 def _print_routing(summary: dict) -> None:
     print("\nrouting over the training set (mean responsibility of each member):")
     for group, row in summary["routing"].items():

@@ -140,3 +140,32 @@ def mi_histogram(
     axes.set(xlabel="mutual information (nats)", ylabel="examples", title=title)
     axes.legend()
     return _save(figure, path)
+
+
+def bar_chart(
+    series: dict[str, ArrayLike],
+    labels: Sequence[str],
+    path: str | os.PathLike[str],
+    title: str = "",
+    ylabel: str = "",
+) -> Path:
+    """Grouped bars: one group of bars per label, one bar per series (e.g. MI on conflicting vs consistent).
+
+    Args:
+        series: series name -> ``[L]`` values, one per label.
+        labels: L x-axis labels.
+        path: where to write the PNG.
+    """
+    values = {name: _to_numpy(v).astype(float).ravel() for name, v in series.items()}
+    if not values or any(v.size != len(labels) for v in values.values()):
+        raise ValueError(f"every series needs one value per label ({len(labels)})")
+    width = 0.8 / len(values)
+    positions = np.arange(len(labels))
+    figure = _new_figure(max(6.0, 1.6 * len(labels)), 4.5)
+    axes = figure.add_subplot()
+    for i, (name, v) in enumerate(values.items()):
+        axes.bar(positions + (i - (len(values) - 1) / 2) * width, v, width, label=name)
+    axes.set_xticks(positions, list(labels), rotation=15)
+    axes.set(ylabel=ylabel, title=title)
+    axes.legend()
+    return _save(figure, path)

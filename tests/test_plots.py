@@ -7,7 +7,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from renyi_lora.plots import mi_histogram, reliability_diagram, routing_heatmap
+from renyi_lora.plots import bar_chart, mi_histogram, reliability_diagram, routing_heatmap
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,3 +45,10 @@ def test_mi_histogram(tmp_path):
     assert_real_png(mi_histogram(mi_by_group, str(expected)), expected)
     with pytest.raises(ValueError, match="empty"):
         mi_histogram({}, tmp_path / "empty.png")
+
+
+def test_bar_chart_is_written_and_checks_lengths(tmp_path):
+    path = bar_chart({"a": [0.1, 0.5], "b": [0.2, 0.01]}, ["x", "y"], tmp_path / "bars.png", title="t")
+    assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 5000
+    with pytest.raises(ValueError, match="one value per label"):
+        bar_chart({"a": [0.1]}, ["x", "y"], tmp_path / "bad.png")
