@@ -217,6 +217,24 @@ def test_load_rejects_mismatched_base(tiny_llama, tmp_path):
         LoraEnsemble.from_pretrained(deeper, tmp_path)
 
 
+def test_gradient_checkpointing_with_a_shared_trunk(batch):
+    from conftest import make_llama
+
+    input_ids, mask, labels = batch
+    grads = []
+    for checkpointing in (False, True):
+        ensemble = LoraEnsemble(make_llama(101, seed=3, num_layers=3), EnsembleConfig(num_members=2,
+                                                                                    layers_to_transform=[1, 2]))
+        randomise_b(ensemble)
+        if checkpointing:
+            ensemble.gradient_checkpointing_enable({"use_reentrant": False})
+        ensemble.train()
+        sequence_logliks(ensemble, input_ids, mask, labels).sum().backward()
+        grads.append([p.grad for p in ensemble.lora_parameters()])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_shared_trunk_equals_repeating_every_layer(batch_size):
     from conftest import make_llama
@@ -242,3 +260,22 @@ def test_shared_trunk_equals_repeating_every_layer(batch_size):
     torch.testing.assert_close(shared_token, plain_token, atol=1e-5, rtol=1e-5)
     everything = LoraEnsemble(copy.deepcopy(base), EnsembleConfig(num_members=3))
     assert everything.shared_trunk_layers == 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(batch):
+    from conftest import make_llama
+
+    input_ids, mask, labels = batch
+
+    def gradients(checkpointing: bool) -> list[torch.Tensor]:
+        ensemble = LoraEnsemble(make_llama(101, seed=3), EnsembleConfig(num_members=3, seed=1))
+        randomise_b(ensemble)
+        if checkpointing:
+            ensemble.gradient_checkpointing_enable({"use_reentrant": False})
+            assert ensemble.model.is_gradient_checkpointing
+        ensemble.train()
+        sequence_logliks(ensemble, input_ids, mask, labels).sum().backward()
+        return [p.grad for p in ensemble.lora_parameters()]
+
+    for plain, checkpointed in zip(gradients(False), gradients(True), strict=True):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
