@@ -84,6 +84,7 @@ class EnsembleLoraLayer(nn.Module):
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.disabled = False
         self.use_reference = False  # run the frozen reference copies (ref_A, ref_B) instead of the trained ones
+        self.member_slice = slice(None)  # the members that run (member chunks); rows are member-major over them
 
     @property
     def num_members(self) -> int:
@@ -95,7 +96,8 @@ class EnsembleLoraLayer(nn.Module):
         if self.disabled:
             return out
         A, B = (self.ref_A, self.ref_B) if self.use_reference else (self.lora_A, self.lora_B)
-        xk = self.dropout(x).to(A.dtype).reshape(self.num_members, -1, x.shape[-1])  # [K, B*T, Din]
+        A, B = A[self.member_slice], B[self.member_slice]
+        xk = self.dropout(x).to(A.dtype).reshape(A.shape[0], -1, x.shape[-1])  # [K, B*T, Din]
         delta = torch.bmm(torch.bmm(xk, A.mT), B.mT)  # [K, B*T, Dout]
         return out + self.scaling * delta.reshape(out.shape).to(out.dtype)
 
@@ -144,6 +146,7 @@ class LoraEnsemble(nn.Module):
             parent = model.get_submodule(parent_name)
             setattr(parent, child, EnsembleLoraLayer(getattr(parent, child), config, generator))
         self._trunk_rows: int | None = None  # B while a shared-trunk forward is running
+        self._member_slice = slice(None)
         self.shared_trunk_layers = self._install_shared_trunk()
 
     def _install_shared_trunk(self) -> int:
@@ -199,6 +202,27 @@ class LoraEnsemble(nn.Module):
     def num_members(self) -> int:
         return self.ensemble_config.num_members
 
+    @property
+    def active_members(self) -> int:
+        """How many members run in a forward: K, or the size of the chunk selected with ``members()``."""
+        return len(range(self.num_members)[self._member_slice])
+
+    @contextmanager
+    def members(self, start: int, stop: int) -> Iterator[None]:
+        """Run only members ``start .. stop-1`` (a member chunk): forwards return ``[stop - start, ...]``."""
+        if not 0 <= start < stop <= self.num_members:
+            raise ValueError(f"member chunk [{start}, {stop}) is not inside [0, {self.num_members})")
+        layers = list(self.lora_layers().values())
+        try:
+            self._member_slice = slice(start, stop)
+            for layer in layers:
+                layer.member_slice = self._member_slice
+            yield
+        finally:
+            self._member_slice = slice(None)
+            for layer in layers:
+                layer.member_slice = slice(None)
+
     def lora_layers(self) -> dict[str, EnsembleLoraLayer]:
         return {name: self.model.get_submodule(name) for name in self.module_names}
 
@@ -206,7 +230,7 @@ class LoraEnsemble(nn.Module):
         return [p for layer in self.lora_layers().values() for p in (layer.lora_A, layer.lora_B)]
 
     def _repeat(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.repeat(self.num_members, *([1] * (tensor.dim() - 1)))
+        return None if tensor is None else tensor.repeat(self.active_members, *([1] * (tensor.dim() - 1)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,7 +249,7 @@ class LoraEnsemble(nn.Module):
             if not shared:
                 input_ids, attention_mask = self._repeat(input_ids), self._repeat(attention_mask)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.logits.view(self.num_members, B, T, -1)  # [K, B, T, V]
+        return out.logits.view(self.active_members, B, T, -1)  # [K, B, T, V]
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Delegates to the base model (called by the Trainer's ``--gradient_checkpointing``)."""
@@ -235,7 +259,7 @@ class LoraEnsemble(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states before the output head: ``[K, B, T, H]`` (``[1, B, T, H]`` when disabled)."""
         B, T = input_ids.shape
-        K = 1 if self.is_disabled else self.num_members
+        K = 1 if self.is_disabled else self.active_members
         with self._shared_trunk(B) as shared:
             if K > 1 and not shared:
                 input_ids, attention_mask = self._repeat(input_ids), self._repeat(attention_mask)

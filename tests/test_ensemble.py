@@ -279,3 +279,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
 
     for plain, checkpointed in zip(gradients(False), gradients(True), strict=True):
         torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [None, [1]])
+def test_member_chunk_forward_equals_a_slice_of_the_full_forward(tiny_llama, batch, layers):
+    input_ids, mask, labels = batch
+    ensemble = LoraEnsemble(tiny_llama, EnsembleConfig(num_members=4, layers_to_transform=layers))
+    randomise_b(ensemble)
+    with torch.no_grad():
+        full = ensemble(input_ids, mask, labels=labels)
+        with ensemble.members(1, 3):
+            assert ensemble.active_members == 2
+            chunk = ensemble(input_ids, mask, labels=labels)
+    torch.testing.assert_close(chunk, full[1:3], atol=1e-5, rtol=1e-5)
+    assert ensemble.active_members == 4
+    with pytest.raises(ValueError, match="member chunk"):
+        with ensemble.members(3, 5):
+            pass
