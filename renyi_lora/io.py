@@ -3,7 +3,9 @@
 An ensemble directory holds ``ensemble_config.json`` (the ``EnsembleConfig``, the adapted module names and
 the base model's name) and ``adapters.safetensors`` (stacked tensors ``<module>.lora_A [K, R, Din]`` and
 ``<module>.lora_B [K, Dout, R]``). Each member also exports as a standard PEFT LoRA adapter folder.
-Files are written to a temporary name and renamed, so a crash mid-save never leaves a half-written file.
+Files are written to a temporary name, flushed to disk and renamed, so a crash mid-save never leaves a
+half-written file: the folder holds the previous save or the new one. Loading checks that the tensors are
+exactly those the config and the base model call for (names, K, rank, shapes) and says what differs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,7 +29,13 @@ FORMAT_VERSION = 1
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())  # the bytes reach the disk before the rename makes them the file
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -38,16 +47,22 @@ def _base_name(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
-def save_ensemble(ensemble: LoraEnsemble, directory: str | os.PathLike) -> None:
-    """Write ``ensemble_config.json`` and ``adapters.safetensors`` into ``directory``."""
+def save_ensemble(ensemble: LoraEnsemble, directory: str | os.PathLike,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``ensemble_config.json`` and ``adapters.safetensors`` into ``directory``.
+
+    ``state_dict``: the ensemble's full state dict gathered by FSDP or DeepSpeed, whose layers then hold only
+    shards; the adapters are taken from it (keys ``model.<module>.lora_A``) instead of from the layers.
+    """
     from renyi_lora import __version__
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, layer in ensemble.lora_layers().items():
-        tensors[f"{name}.lora_A"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"{name}.lora_B"] = layer.lora_B.detach().contiguous().cpu()
+        for kind in ("lora_A", "lora_B"):
+            tensor = getattr(layer, kind) if state_dict is None else state_dict[f"model.{name}.{kind}"]
+            tensors[f"{name}.{kind}"] = tensor.detach().contiguous().cpu()
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _write_json(out / CONFIG_NAME, {
         "ensemble": asdict(ensemble.ensemble_config),
@@ -63,29 +78,69 @@ def read_ensemble_config(directory: str | os.PathLike) -> tuple[EnsembleConfig, 
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a saved ensemble: {CONFIG_NAME} not found")
-    raw = json.loads(path.read_text())
-    known = {f.name for f in fields(EnsembleConfig)}
-    config = EnsembleConfig(**{k: v for k, v in raw["ensemble"].items() if k in known})
-    return config, raw["module_names"], raw
+    try:
+        raw = json.loads(path.read_text())
+        known = {f.name for f in fields(EnsembleConfig)}
+        config = EnsembleConfig(**{k: v for k, v in raw["ensemble"].items() if k in known})
+        module_names = list(raw["module_names"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: not a valid ensemble config ({type(error).__name__}: {error}); "
+                         "expected the file written by save_pretrained") from None
+    return config, module_names, raw
+
+
+def _read_adapter_tensors(directory: str | os.PathLike, config: EnsembleConfig, module_names: list[str],
+                          modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The saved ``<module>.lora_A [K, R, Din]`` / ``lora_B [K, Dout, R]`` tensors, checked against ``config``
+    and the base ``modules``; raises ``ValueError`` saying what differs."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved ensemble: {WEIGHTS_NAME} not found")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error}); was its save interrupted?") from None
+    missing = [n for n in module_names if n not in modules]
+    if missing:
+        raise ValueError(f"{directory}: the base model has no module(s) {missing[:5]} that this ensemble adapts; "
+                         f"was it trained on another base model?")
+    expected = {f"{name}.{kind}" for name in module_names for kind in ("lora_A", "lora_B")}
+    if set(tensors) != expected:
+        absent, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"{path}: tensors do not match {CONFIG_NAME}'s modules: missing {absent[:5]}, unexpected "
+                         f"{extra[:5]}; the two files belong to different saves")
+    for name in module_names:
+        din, dout = layer_dims(modules[name])
+        shapes = {"lora_A": (config.num_members, config.rank, din), "lora_B": (config.num_members, dout, config.rank)}
+        for kind, shape in shapes.items():
+            got = tuple(tensors[f"{name}.{kind}"].shape)
+            if got != shape:
+                raise ValueError(f"{directory}: {name}.{kind} has shape {list(got)} but the base model and "
+                                 f"config (K={config.num_members}, rank={config.rank}) need {list(shape)}")
+    return tensors
+
+
+def load_adapter_weights(ensemble: LoraEnsemble, directory: str | os.PathLike) -> None:
+    """Copy a saved ensemble's adapters into ``ensemble`` in place (resuming a run): the saved K, rank and
+    adapted modules must be this ensemble's."""
+    config, module_names, _ = read_ensemble_config(directory)
+    ours = ensemble.ensemble_config
+    if (config.num_members, config.rank, module_names) != (ours.num_members, ours.rank, ensemble.module_names):
+        raise ValueError(f"{directory} holds K={config.num_members}, rank={config.rank} on {len(module_names)} "
+                         f"modules but this run has K={ours.num_members}, rank={ours.rank} on "
+                         f"{len(ensemble.module_names)}; resume with the run's --num_members, --rank, --target_modules")
+    base_layers = {name: layer.base_layer for name, layer in ensemble.lora_layers().items()}
+    tensors = _read_adapter_tensors(directory, config, module_names, base_layers)
+    with torch.no_grad():
+        for name, layer in ensemble.lora_layers().items():
+            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
+            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
 
 
 def load_ensemble(model: nn.Module, directory: str | os.PathLike, members: list[int] | None = None) -> LoraEnsemble:
     """Restore a saved ensemble onto ``model`` (optionally only the listed ``members``), validating shapes."""
     config, module_names, _ = read_ensemble_config(directory)
-    tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
-    existing = dict(model.named_modules())
-    missing = [n for n in module_names if n not in existing]
-    if missing:
-        raise ValueError(f"{directory}: the base model has no module(s) {missing[:5]} that this ensemble adapts; "
-                         f"was it trained on another base model?")
-    for name in module_names:
-        din, dout = layer_dims(existing[name])
-        expected = {"lora_A": (config.num_members, config.rank, din), "lora_B": (config.num_members, dout, config.rank)}
-        for kind, shape in expected.items():
-            got = tuple(tensors[f"{name}.{kind}"].shape)
-            if got != shape:
-                raise ValueError(f"{directory}: {name}.{kind} has shape {list(got)} but the base model and "
-                                 f"config (K={config.num_members}, rank={config.rank}) need {list(shape)}")
+    tensors = _read_adapter_tensors(directory, config, module_names, dict(model.named_modules()))
     if members is not None:
         bad = [m for m in members if not 0 <= m < config.num_members]
         if bad or not members:

@@ -57,7 +57,7 @@ class DPOConfig(RenyiConfig):
 def _sequence_logps(model, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[K, 2B]`` summed completion log-probs of the chosen-then-rejected rows (K = 1 when disabled)."""
     token = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
-    return token.sum(-1)
+    return token.float().sum(-1)  # float32 under any autocast: the margins are small differences of large sums
 
 
 class RenyiDPOTrainer(RenyiTrainer):
@@ -99,5 +99,5 @@ class RenyiDPOTrainer(RenyiTrainer):
                 f"member_{k}/rewards/margins": (chosen[k] - rejected[k]).mean(),
                 f"member_{k}/rewards/accuracies": member_accuracy[k],
             })
-        for key, value in values.items():
-            metrics[key].append(self.accelerator.gather_for_metrics(value.detach()[None]).mean().item())
+        for key, value in values.items():  # this process's values; `log` averages over steps and processes
+            metrics[key].append(value.detach().float())

@@ -1,7 +1,9 @@
 """The ``sft`` recipe: arguments, data, model, ensemble, Trainer, and the outputs written at the end.
 
 ``run_sft`` is what ``renyi-lora sft`` calls; every step fails early with a clear message (data are
-read and validated, and the model path checked, before the model loads).
+read and validated, the model path, the target modules and ``--resume_from_checkpoint`` checked, before the
+model's weights load). Under ``torchrun`` / ``accelerate launch`` every process runs the recipe; only the
+first writes the outputs.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ from pathlib import Path
 import torch
 
 from renyi_lora.data import SFTCollator, TokenizedDataset, load_sft_dataset
-from renyi_lora.ensemble import LoraEnsemble
-from renyi_lora.io import export_all_peft
-from renyi_lora.models import DEFAULT_MODEL, check_model_exists, load_model_and_tokenizer, load_tokenizer
-from renyi_lora.train import RenyiConfig, RenyiTrainer, routing_summary
+from renyi_lora.ensemble import LoraEnsemble, find_target_modules
+from renyi_lora.io import export_all_peft, read_ensemble_config
+from renyi_lora.models import (
+    DEFAULT_MODEL,
+    check_model_exists,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    resolve_model_path,
+)
+from renyi_lora.train import RenyiConfig, RenyiTrainer, checkpoint_problem, last_complete_checkpoint, routing_summary
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,47 @@ class DataArguments:
             raise ValueError(f"--max_length must be >= 2; got {self.max_length}")
 
 
+def check_target_modules(model_args: ModelArguments, config: RenyiConfig) -> None:
+    """Match ``--target_modules`` (or the ``--adapters``' modules) on an empty skeleton of the base model, so that
+    a typo fails in seconds instead of after the weights load."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(model_args.model)
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    with init_empty_weights():  # parameters on the meta device: no memory, no weights read
+        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=model_args.trust_remote_code)
+    if not model_args.adapters:
+        find_target_modules(skeleton, config.target_modules, config.layers_to_transform)
+        return
+    _, module_names, _ = read_ensemble_config(model_args.adapters)
+    existing = dict(skeleton.named_modules())
+    missing = [name for name in module_names if name not in existing]
+    if missing:
+        raise ValueError(f"--adapters {model_args.adapters}: the base model {model_args.model} has no module(s) "
+                         f"{missing[:5]} that this ensemble adapts; was it trained on another base model?")
+
+
+def resume_checkpoint(config: RenyiConfig) -> str | None:
+    """The checkpoint folder named by ``--resume_from_checkpoint`` (``true``: the last complete one in
+    ``--output_dir``), checked before anything loads; None to start afresh."""
+    value = config.resume_from_checkpoint
+    if value is None or str(value).strip().lower() in ("", "false", "none"):
+        return None
+    if str(value).strip().lower() == "true":
+        found = last_complete_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+        if found is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint true: no complete checkpoint-N folder in "
+                                    f"--output_dir {config.output_dir}; expected one written by an earlier run")
+        logger.info("resuming from %s (the last complete checkpoint)", found)
+        return found
+    problem = checkpoint_problem(value) if Path(value).is_dir() else "no such folder"
+    if problem:
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: {problem}; expected a checkpoint-N folder "
+                                "written by an earlier run, or 'true' for the last one in --output_dir")
+    return value
+
+
 def build_ensemble(model_args: ModelArguments, config: RenyiConfig, model) -> LoraEnsemble:
     if model_args.adapters:
         return LoraEnsemble.from_pretrained(model, model_args.adapters)
@@ -64,6 +113,8 @@ def finish_training(trainer: RenyiTrainer, train_dataset: TokenizedDataset, trai
         "groups": train_dataset.group_names,
         "metrics": train_output.metrics,
         "config": {key: value for key, value in asdict(args).items() if isinstance(value, (int, float, str, list))},
+        "num_nonfinite_skips": len(trainer.nonfinite_skipped_steps),
+        "nonfinite_skipped_steps": trainer.nonfinite_skipped_steps,
         **extra,
     }
     summary.update(routing_summary(trainer, train_dataset, train_dataset.group_names))
@@ -78,6 +129,8 @@ def finish_training(trainer: RenyiTrainer, train_dataset: TokenizedDataset, trai
 def run_sft(model_args: ModelArguments, data_args: DataArguments, config: RenyiConfig) -> dict:
     """Train an ensemble by SFT and write its outputs; returns the training summary."""
     check_model_exists(model_args.model)
+    resume = resume_checkpoint(config)
+    check_target_modules(model_args, config)
     tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
     train_dataset = load_sft_dataset(data_args.data, tokenizer, data_args.max_length)
     eval_dataset = load_sft_dataset(data_args.eval_data, tokenizer, data_args.max_length) if data_args.eval_data \
@@ -88,7 +141,7 @@ def run_sft(model_args: ModelArguments, data_args: DataArguments, config: RenyiC
         model=ensemble, args=config, group_names=train_dataset.group_names, train_dataset=train_dataset,
         eval_dataset=eval_dataset, data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
     )
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     extra = {"eval": trainer.evaluate()} if eval_dataset is not None else {}
     return finish_training(trainer, train_dataset, result, extra)
 
@@ -101,6 +154,8 @@ def run_dpo(model_args: ModelArguments, data_args: DataArguments, config) -> dic
     if config.reference == "initial" and not model_args.adapters:
         raise ValueError("--reference initial needs --adapters DIR (the saved ensemble to start from)")
     check_model_exists(model_args.model)
+    resume = resume_checkpoint(config)
+    check_target_modules(model_args, config)
     tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
     train_dataset = load_preference_dataset(data_args.data, tokenizer, data_args.max_length)
     eval_dataset = load_preference_dataset(data_args.eval_data, tokenizer, data_args.max_length) \
@@ -114,6 +169,6 @@ def run_dpo(model_args: ModelArguments, data_args: DataArguments, config) -> dic
         eval_dataset=eval_dataset, data_collator=PreferenceCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     extra = {"eval": trainer.evaluate()} if eval_dataset is not None else {}
     return finish_training(trainer, train_dataset, result, extra)

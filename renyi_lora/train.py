@@ -2,22 +2,39 @@
 
 Everything else (optimiser, schedule, logging, checkpointing, mixed precision, multi-process training)
 is the Trainer's. Only LoRA parameters reach the optimiser, because the base model is frozen.
+
+Checkpoints hold the adapters (``ensemble_config.json`` + ``adapters.safetensors``) next to the Trainer's
+optimizer, scheduler, RNG and ``trainer_state.json`` (global step, hence the data order). A non-finite loss,
+member log-likelihood or gradient stops training before the optimizer update (``nonfinite="stop"``) or drops
+that update (``"skip"``), naming the step and the members.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+from renyi_lora.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter_weights, save_ensemble
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.objective import gaussian_prior, routed_loss
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss, member log-likelihood or gradient with ``nonfinite="stop"``; the message names the step."""
 
 
 @dataclass
@@ -40,6 +57,14 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
     learning_rate: float = field(default=2e-4, metadata={"help": "Initial AdamW learning rate."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (needed: 'group')."})
+    # Every LoRA parameter takes part in every forward and the frozen base has no gradients for DDP to wait on,
+    # so the Trainer's default for non-PreTrainedModel models (True) only adds a graph traversal per step.
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP's find_unused_parameters "
+                                                    "(not needed: every LoRA parameter is used in every step)."})
+    nonfinite: Literal["stop", "skip"] = field(default="stop", metadata={"help": "On a non-finite loss, member "
+                                               "log-likelihood or gradient: 'stop' raises, naming the step and the "
+                                               "members (checkpoints already written stay intact); 'skip' drops that "
+                                               "step's update and counts it in train_summary.json."})
 
     def __post_init__(self) -> None:
         EnsembleConfig.__post_init__(self)
@@ -47,6 +72,8 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
             raise ValueError(f"--alpha must be >= 0 (or inf); got {self.alpha}")
         if self.prior_std <= 0 or self.prior_weight < 0:
             raise ValueError(f"need --prior_std > 0 and --prior_weight >= 0; got {self.prior_std}, {self.prior_weight}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"--nonfinite must be 'stop' or 'skip'; got {self.nonfinite!r}")
         super().__post_init__()
 
     def ensemble_config(self) -> EnsembleConfig:
@@ -65,8 +92,11 @@ class RenyiTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.group_names = list(group_names or [])
         self.model_accepts_loss_kwargs = False  # our loss is a per-example mean: let the Trainer scale it
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # Per-batch metrics of this process as 0-dim tensors; `log` averages them over batches and processes.
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
+                                                                   "eval": defaultdict(list)}
         self._routing: dict[str, torch.Tensor] = {}
+        self._nonfinite: torch.Tensor | None = None  # [2, K] bool: log-likelihood, loss, OR-ed over micro-batches
 
     @property
     def ensemble(self) -> LoraEnsemble:
@@ -81,7 +111,9 @@ class RenyiTrainer(Trainer):
         args: RenyiConfig = self.args
         labels = inputs["labels"]
         token = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), labels=labels)
-        return routed_loss(token, labels != IGNORE_INDEX, args.alpha, args.routing_level, args.length_normalize)
+        # float32 whatever the autocast dtype: a bf16 logsumexp over members loses the routing signal.
+        return routed_loss(token.float(), labels != IGNORE_INDEX, args.alpha, args.routing_level,
+                           args.length_normalize)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: RenyiConfig = self.args
@@ -92,33 +124,91 @@ class RenyiTrainer(Trainer):
         if args.prior_weight > 0:
             prior = args.prior_weight * gaussian_prior(self.ensemble.lora_parameters(), w.shape[0], args.prior_std)
             loss = loss + prior
+        if self.model.training:  # checked once per optimizer step, in `_check_finite`
+            bad = torch.stack([~torch.isfinite(loglik.detach()).all(1), ~torch.isfinite(loss.detach()).expand(len(w))])
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self._record(data_term, prior, w, loglik, group)
         return (loss, {"responsibilities": w, "loglik": loglik}) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # the last micro-batch of an optimizer step: gradients are complete
+            self._check_finite()
+        return loss
+
+    def _check_finite(self) -> None:
+        """Stop, or drop this step's update, if a member's log-likelihood, the loss or a gradient was non-finite.
+
+        Runs on the complete (all-reduced) gradients before the Trainer clips them: clipping by a NaN norm would
+        spread the NaN to every member and hide which one failed. Under DDP the flags are all-reduced so that
+        every process takes the same decision.
+        """
+        num_members = self.ensemble.num_members
+        flags = self._nonfinite
+        self._nonfinite = None
+        if flags is None:
+            flags = torch.zeros(2, num_members, dtype=torch.bool, device=self.args.device)
+        grad = torch.zeros_like(flags[0])
+        for parameter in self.ensemble.lora_parameters():
+            if parameter.grad is not None:  # [K, ...] -> [K]
+                grad |= ~torch.isfinite(parameter.grad).flatten(1).all(1)
+        flags = torch.cat([flags, grad[None]])  # [3, K]: log-likelihood, loss, gradient
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags.float(), "sum") > 0
+        if not flags.any():
+            return
+        step = self.state.global_step + 1  # the step being computed; checkpoint-N holds the state after step N
+        loglik_members, grad_members = flags[0].nonzero().flatten().tolist(), flags[2].nonzero().flatten().tolist()
+        what = [f"{name} of member(s) {members}" for name, members in
+                (("log-likelihood", loglik_members), ("gradient", grad_members)) if members] or ["loss (prior term)"]
+        problem = f"step {step}: non-finite {' and '.join(what)}"
+        if self.args.nonfinite == "stop":
+            checkpoint = last_complete_checkpoint(self.args.output_dir)
+            raise NonFiniteError(f"{problem}; stopped before the optimizer update, so the adapters and the last "
+                                 f"checkpoint ({checkpoint or 'none written yet'}) are unaffected. Lower "
+                                 "--learning_rate, check the data, or pass --nonfinite skip to skip such steps")
+        for parameter in self.ensemble.lora_parameters():
+            parameter.grad = None  # the optimizer skips parameters without a gradient: no update, moments unchanged
+        # log_history is saved in every checkpoint's trainer_state.json, so a resumed run keeps the count.
+        self.state.log_history.append({"step": step, "nonfinite_skipped": problem})
+        logger.warning("%s; skipped this update (--nonfinite skip)", problem)
+
+    @property
+    def nonfinite_skipped_steps(self) -> list[int]:
+        """Steps whose update was dropped by ``nonfinite="skip"``, including those before a resume."""
+        return [entry["step"] for entry in self.state.log_history if "nonfinite_skipped" in entry]
+
     @torch.no_grad()
     def _record(self, data_term, prior, w, loglik, group) -> None:
+        """Keep this process's batch metrics; ``log`` averages them (one collective per log, none per step)."""
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
-        gather = self.accelerator.gather_for_metrics
-        entropy = gather(responsibility_entropy(w))  # [B]
-        metrics["renyi/data"].append(gather(data_term.detach()).mean().item())
-        metrics["renyi/prior"].append(gather(prior.detach()).mean().item())
-        metrics["routing/entropy"].append(entropy.mean().item())
-        metrics["routing/effective_members"].append(entropy.exp().mean().item())
-        for k, nll in enumerate((-gather(loglik.detach().T).T).mean(1).tolist()):
+        entropy = responsibility_entropy(w)  # [B]
+        metrics["renyi/data"].append(data_term.detach().float())
+        metrics["renyi/prior"].append(prior.detach().float())
+        metrics["routing/entropy"].append(entropy.mean())
+        metrics["routing/effective_members"].append(entropy.exp().mean())
+        for k, nll in enumerate(-loglik.detach().float().mean(1)):
             metrics[f"member_{k}/nll"].append(nll)
         if group is not None and self.group_names:
-            group, w = gather(group), gather(w.T).T  # [B], [K, B]
-            totals = self._routing.setdefault(mode, torch.zeros(len(self.group_names), w.shape[0] + 1))
+            group = group.to(w.device)
+            totals = self._routing.setdefault(mode, w.new_zeros(len(self.group_names), w.shape[0] + 1))
             valid = group >= 0
-            totals[:, :-1].index_add_(0, group[valid].cpu(), w[:, valid].T.float().cpu())
-            totals[:, -1].index_add_(0, group[valid].cpu(), torch.ones(int(valid.sum())))
+            totals[:, :-1].index_add_(0, group[valid], w[:, valid].T.float())
+            totals[:, -1].index_add_(0, group[valid], torch.ones_like(group[valid], dtype=totals.dtype))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        # Every process logs at the same steps with the same keys; per-process means are averaged (equal batch
+        # sizes per process, so this is the mean over the global batch up to the padding of a last short batch).
+        names = sorted(key for key, values in self._metrics[mode].items() if values)
+        metrics = {}
+        if names:
+            means = torch.stack([torch.stack(self._metrics[mode][key]).float().mean() for key in names])  # [M]
+            metrics = dict(zip(names, self.accelerator.reduce(means, "mean").tolist(), strict=True))
         totals = self._routing.pop(mode, None)
         if totals is not None:
+            totals = self.accelerator.reduce(totals, "sum").cpu()  # [G, K + 1]: responsibility sums, counts
             for g, name in enumerate(self.group_names):
                 if totals[g, -1] > 0:
                     for k, value in enumerate((totals[g, :-1] / totals[g, -1]).tolist()):
@@ -137,31 +227,62 @@ class RenyiTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints hold the adapters only (``ensemble_config.json`` + ``adapters.safetensors``)."""
+        if not self.args.should_save:  # the Trainer calls this on every process; one writer per folder
+            return
         output_dir = output_dir or self.args.output_dir
-        self.ensemble.save_pretrained(output_dir)
+        save_ensemble(self.ensemble, output_dir, state_dict)  # FSDP / DeepSpeed pass the gathered state dict
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, f"{output_dir}/training_args.bin")
+        # JSON, not the Trainer's pickled training_args.bin: nothing reads it back, and a pickle can run code on load.
+        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from safetensors.torch import load_file
+        load_adapter_weights(self.ensemble, resume_from_checkpoint)
 
-        from renyi_lora.io import WEIGHTS_NAME
 
-        tensors = load_file(f"{resume_from_checkpoint}/{WEIGHTS_NAME}")
-        with torch.no_grad():
-            for name, layer in self.ensemble.lora_layers().items():
-                layer.lora_A.copy_(tensors[f"{name}.lora_A"])
-                layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+def checkpoint_problem(directory: str | Path) -> str | None:
+    """Why ``directory`` cannot be resumed from, or None if it can.
+
+    The Trainer writes a checkpoint's ``trainer_state.json`` last (after the adapters, optimizer, scheduler and
+    RNG states), so a save that was killed midway lacks it or left it truncated.
+    """
+    directory = Path(directory)
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME) if not (directory / name).is_file()]
+    if missing:
+        return f"incomplete checkpoint (no {', '.join(missing)}; was its save interrupted?)"
+    try:
+        json.loads((directory / TRAINER_STATE_NAME).read_text())
+    except ValueError:
+        return f"incomplete checkpoint ({TRAINER_STATE_NAME} is truncated; was its save interrupted?)"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The highest-numbered ``checkpoint-N`` folder in ``output_dir`` whose save finished (None if there is none)."""
+    folders = [path for path in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", path.name)]
+    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[1]), reverse=True):
+        if not folder.is_dir():
+            continue
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        logger.warning("skipping %s: %s", folder, problem)
+    return None
 
 
 @torch.no_grad()
 def routing_summary(trainer: RenyiTrainer, dataset: Dataset, group_names: list[str]) -> dict:
-    """Mean responsibility and mean NLL of each member per group over ``dataset`` (``"all"`` if no groups)."""
+    """Mean responsibility and mean NLL of each member per group over ``dataset`` (``"all"`` if no groups).
+
+    Each process scores every ``num_processes``-th example and the sums are all-reduced, so every process must
+    call this (as ``finish_training`` does) and gets the same result.
+    """
     args: RenyiConfig = trainer.args
-    model = trainer.model
+    model = trainer.model  # unwrapped: no DDP collectives per batch
     model.eval()
-    loader = DataLoader(dataset, batch_size=args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+    accelerator = trainer.accelerator
+    shard = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    loader = DataLoader(shard, batch_size=args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
     names = group_names or ["all"]
     K = trainer.ensemble.num_members
     resp, nll, count = torch.zeros(len(names), K), torch.zeros(len(names), K), torch.zeros(len(names))
@@ -175,6 +296,10 @@ def routing_summary(trainer: RenyiTrainer, dataset: Dataset, group_names: list[s
         resp.index_add_(0, group, w)
         nll.index_add_(0, group, -loglik)
         count.index_add_(0, group, torch.ones(len(group)))
+    trainer._metrics["eval"].clear()  # data_term recorded these batches as eval metrics; they are not an evaluation
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(torch.cat([resp, nll, count[:, None]], 1).to(args.device), "sum").cpu()
+        resp, nll, count = sums[:, :K], sums[:, K:-1], sums[:, -1]
     count = count.clamp(min=1)[:, None]
     return {
         "routing": {name: row.tolist() for name, row in zip(names, resp / count, strict=True)},
