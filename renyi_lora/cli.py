@@ -80,6 +80,8 @@ def demo(argv: list[str]) -> None:
 
 
 def _print_routing(summary: dict) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process returns the summary; print it once
+        return
     print("\nrouting over the training set (mean responsibility of each member):")
     for group, row in summary["routing"].items():
         nll = summary["member_group_nll"][group]
@@ -97,11 +99,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     try:
         COMMANDS[argv[0]][1](argv[1:])
-    except (FileNotFoundError, ValueError) as error:  # DataError is a ValueError: bad input, one clear line
+    except (FileNotFoundError, ValueError, FloatingPointError) as error:
+        # DataError is a ValueError (bad input: exit 2); NonFiniteError a FloatingPointError (exit 1). One line each.
         if os.environ.get("RENYI_LORA_DEBUG"):
             raise
         print(f"renyi-lora {argv[0]}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(error, FloatingPointError) else 2)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,10 @@ def check_string(value: Any, where: Location, field_name: str, non_empty: bool =
     if not isinstance(value, str) or (non_empty and not value):
         expected = "a non-empty string" if non_empty else "a string"
         raise where.error(field_name, f"expected {expected}, got {describe(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate such as "\ud800" is valid JSON but not text
+        raise where.error(field_name, f"not valid unicode text ({error.reason} at character {error.start})") from None
     return value
 
 
@@ -265,6 +269,8 @@ def check_prompt_style(record: dict, where: Location, expected: str | None) -> s
                           f"conversational, per file), got {describe(prompt)}")
     if style == "conversational":
         check_messages(prompt, where, "prompt")
+    else:
+        check_string(prompt, where, "prompt", non_empty=False)
     return style
 
 

@@ -218,8 +218,6 @@ def test_sft_json_list_loads_whole_or_fails_with_one_line(tmp_path, lines, cut):
     event("loaded")
 
 
-@pytest.mark.xfail(strict=True, reason="data.check_string accepts a lone surrogate (valid JSON '\\ud800'); the "
-                   "tokenizer then raises TypeError. Fix in data.py: reject strings that do not encode as UTF-8.")
 @pytest.mark.parametrize("record", [{"prompt": "q\ud800", "completion": "a"},
                                     {"messages": [{"role": "user", "content": "\udfff"},
                                                   {"role": "assistant", "content": "ok"}]}])
