@@ -63,16 +63,29 @@ def _sequence_logps(model, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
 class RenyiDPOTrainer(RenyiTrainer):
     """DPO with K members: chosen and rejected go through the ensemble in one forward."""
 
+    def _reference(self, model, inputs: dict) -> torch.Tensor:
+        """Reference log-probs: ``[K, 2B]`` ("initial", the members that run) or ``[2B]`` ("base", computed once
+        per batch and kept in ``inputs``, so member chunks share it too)."""
+        if self.args.reference == "initial":
+            with torch.no_grad(), self.ensemble.reference_adapters():
+                return _sequence_logps(model, inputs)  # each member's own starting adapter
+        if "_reference_logps" not in inputs:
+            with torch.no_grad(), self.ensemble.adapters_disabled():
+                inputs["_reference_logps"] = _sequence_logps(model, inputs)[0]  # one base forward for all members
+        return inputs["_reference_logps"]
+
+    def member_loglik(self, model, inputs: dict) -> torch.Tensor:
+        policy = _sequence_logps(model, inputs)  # [K, 2B]
+        B = policy.shape[1] // 2
+        reference = self._reference(model, inputs)
+        return preference_loglik(policy[:, :B], policy[:, B:], reference[..., :B], reference[..., B:],
+                                 self.args.beta)[0]
+
     def data_term(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         args: DPOConfig = self.args
         policy = _sequence_logps(model, inputs)  # [K, 2B]
         B = policy.shape[1] // 2
-        if args.reference == "initial":
-            with torch.no_grad(), self.ensemble.reference_adapters():
-                reference = _sequence_logps(model, inputs)  # [K, 2B]: each member's own starting adapter
-        else:
-            with torch.no_grad(), self.ensemble.adapters_disabled():
-                reference = _sequence_logps(model, inputs)[0]  # [2B]: one base forward, shared by all members
+        reference = self._reference(model, inputs)
         loglik, h = preference_loglik(policy[:, :B], policy[:, B:], reference[..., :B], reference[..., B:], args.beta)
         loss, w = renyi_loss(loglik, args.alpha)
         self._record_preferences(policy, reference, h, loglik)

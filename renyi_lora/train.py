@@ -16,6 +16,7 @@ import logging
 import math
 import re
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -28,7 +29,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter_weights, save_ensemble
 from renyi_lora.likelihoods import IGNORE_INDEX
-from renyi_lora.objective import gaussian_prior, routed_loss
+from renyi_lora.objective import gaussian_prior, renyi_loss, routed_loss
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
     # so the Trainer's default for non-PreTrainedModel models (True) only adds a graph traversal per step.
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP's find_unused_parameters "
                                                     "(not needed: every LoRA parameter is used in every step)."})
+    member_chunk_size: int | None = field(default=None, metadata={"help": "Train the members in chunks of this "
+                                          "many (default: all at once). A no-grad pass computes every member's "
+                                          "log-likelihood and the routing, then each chunk runs with gradients on "
+                                          "-sum_k w[k,b] L[k,b] / B: the same gradients with one chunk's activation "
+                                          "memory, for one extra forward."})
     nonfinite: Literal["stop", "skip"] = field(default="stop", metadata={"help": "On a non-finite loss, member "
                                                "log-likelihood or gradient: 'stop' raises, naming the step and the "
                                                "members (checkpoints already written stay intact); 'skip' drops that "
@@ -72,6 +78,11 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
             raise ValueError(f"--alpha must be >= 0 (or inf); got {self.alpha}")
         if self.prior_std <= 0 or self.prior_weight < 0:
             raise ValueError(f"need --prior_std > 0 and --prior_weight >= 0; got {self.prior_std}, {self.prior_weight}")
+        if self.member_chunk_size is not None:
+            if self.member_chunk_size < 1:
+                raise ValueError(f"--member_chunk_size must be >= 1; got {self.member_chunk_size}")
+            if self.routing_level != "sequence":
+                raise ValueError("--member_chunk_size needs --routing_level sequence (token routing couples tokens)")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"--nonfinite must be 'stop' or 'skip'; got {self.nonfinite!r}")
         super().__post_init__()
@@ -115,6 +126,15 @@ class RenyiTrainer(Trainer):
         return routed_loss(token.float(), labels != IGNORE_INDEX, args.alpha, args.routing_level,
                            args.length_normalize)
 
+    def member_loglik(self, model, inputs: dict) -> torch.Tensor:
+        """``L [K, B]`` of the members that run (all, or the chunk selected with ``ensemble.members``), float32."""
+        labels = inputs["labels"]
+        token = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), labels=labels)
+        loglik = token.float().sum(-1)  # [K, B]
+        if self.args.length_normalize:
+            loglik = loglik / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
+        return loglik
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: RenyiConfig = self.args
         group = inputs.pop("group", None)
@@ -131,10 +151,50 @@ class RenyiTrainer(Trainer):
         return (loss, {"responsibilities": w, "loglik": loglik}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        chunk = self.args.member_chunk_size
+        if chunk is not None and chunk < self.ensemble.num_members:
+            loss = self._chunked_training_step(model, inputs, chunk)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # the last micro-batch of an optimizer step: gradients are complete
             self._check_finite()
         return loss
+
+    def _chunked_training_step(self, model, inputs: dict, chunk: int) -> torch.Tensor:
+        """Member chunks: the objective couples members only through the (stop-gradient) responsibilities, so
+        ``d loss / d theta_k = -sum_b w[k, b] grad L[k, b] / B``. Pass 1 (no grad) gets every ``L [K, B]`` and
+        ``w``; pass 2 backpropagates each chunk's surrogate. Returns the alpha-Renyi loss of pass 1."""
+        args: RenyiConfig = self.args
+        ensemble = self.ensemble
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        group = inputs.pop("group", None)
+        chunks = [(start, min(start + chunk, ensemble.num_members)) for start in range(0, ensemble.num_members, chunk)]
+        with torch.no_grad():
+            parts = []
+            for start, stop in chunks:
+                with ensemble.members(start, stop):
+                    parts.append(self.member_loglik(model, inputs))
+            loglik = torch.cat(parts)  # [K, B]
+            data_term, w = renyi_loss(loglik, args.alpha)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        prior = torch.zeros((), device=loglik.device)
+        for i, (start, stop) in enumerate(chunks):
+            with ensemble.members(start, stop):
+                surrogate = -(w[start:stop] * self.member_loglik(model, inputs)).sum() / loglik.shape[1]
+                if args.prior_weight > 0:  # this chunk's share of (1/K) sum_k ||theta_k||^2 / (2 prior_std^2)
+                    params = [p[start:stop] for p in ensemble.lora_parameters()]
+                    share = args.prior_weight * gaussian_prior(params, ensemble.num_members, args.prior_std)
+                    surrogate, prior = surrogate + share, prior + share.detach()
+                last = i == len(chunks) - 1
+                sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
+                with sync:  # DDP: all-reduce the gradients once, after the last chunk
+                    self.accelerator.backward(surrogate * scale)
+        loss = data_term + prior
+        bad = torch.stack([~torch.isfinite(loglik).all(1), ~torch.isfinite(loss).expand(len(w))])
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        self._record(data_term, prior, w, loglik, group)
+        return loss.detach() * scale
 
     def _check_finite(self) -> None:
         """Stop, or drop this step's update, if a member's log-likelihood, the loss or a gradient was non-finite.
