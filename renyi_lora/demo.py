@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -43,12 +44,20 @@ class DemoArguments:
     seed: int = field(default=0, metadata={"help": "Seed for the data, the adapters and the data order."})
     quick: bool = field(default=False, metadata={"help": "A smaller run: half the steps and alphas 0 and 4 only."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)."})
+    real_text: Literal["no", "yes", "only"] = field(default="no", metadata={"help": "Part 2 on real text (gensim's "
+                                                    "word analogies, demo_real): 'yes' after part 1, 'only' instead."})
 
     def __post_init__(self) -> None:
         if self.quick:
             self.max_steps, self.alphas = max(self.max_steps // 2, 1), [0.0, 4.0]
         if self.num_members < 2 or self.max_steps < 1 or any(a < 0 for a in self.alphas):
             raise ValueError("need --num_members >= 2, --max_steps >= 1 and alphas >= 0")
+        if self.real_text not in ("no", "yes", "only"):
+            raise ValueError(f"--real_text must be 'no', 'yes' or 'only'; got {self.real_text!r}")
+        if self.real_text != "no":
+            from renyi_lora.analogy_data import questions_path
+
+            questions_path()  # no gensim: fail before any training, naming the pip command
 
 
 def _train(args: DemoArguments, tokenizer, dataset, alpha: float, num_members: int, out: Path) -> tuple:
@@ -79,6 +88,10 @@ def _group_mean(results: dict, groups: tuple[str, ...], key: str) -> float:
 def run_demo(args: DemoArguments) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.real_text == "only":
+        from renyi_lora.demo_real import run_real_text  # lazy: demo_real imports this module
+
+        return {"real_text": run_real_text(args)}
     out = Path(args.output_dir)
     paths = write_demo_data(out / "data", seed=args.seed)
     print(f"data written to {out / 'data'}: " + ", ".join(p.name for p in paths.values()))
@@ -104,6 +117,10 @@ def run_demo(args: DemoArguments) -> dict:
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(summary, out)
     print(f"\nreport: {out / 'report.md'}")
+    if args.real_text == "yes":
+        from renyi_lora.demo_real import run_real_text
+
+        summary["real_text"] = run_real_text(args)
     return summary
 
 
