@@ -79,6 +79,17 @@ def demo(argv: list[str]) -> None:
     run_demo(args)
 
 
+@command("critical-alpha", "Estimate alpha*, above which members separate, at one trained adapter on a data set.")
+def critical_alpha(argv: list[str]) -> None:
+    from renyi_lora.critical import CriticalAlphaArguments, report, run_critical_alpha
+
+    (args,) = _parse("critical-alpha", (CriticalAlphaArguments,), argv)
+    result, _ = run_critical_alpha(args)
+    print(report(result))
+    if args.output:
+        print(f"wrote {args.output}")
+
+
 def _print_routing(summary: dict) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process returns the summary; print it once
         return
