@@ -61,3 +61,22 @@ def tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture
 def tiny_llama(tokenizer) -> LlamaForCausalLM:
     return make_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a Hugging Face folder, for the CLI's --model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = make_tokenizer()
+    make_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine are ~100x slower with two contending threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -232,16 +232,6 @@ def test_lone_surrogate_is_a_data_error(tmp_path, record):
 # tests/test_cli.py covers --alpha -1, --num_members 0, --rank 0, an unknown --target_modules (exit code and message),
 # a missing --model folder and --data file. These add the other ranges, and that the weights never load.
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from conftest import make_llama
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_llama(len(TOKENIZER)).save_pretrained(path)
-    TOKENIZER.save_pretrained(path)
-    return path
-
-
 SFT = [{"prompt": "q:", "completion": " a"}]
 PREFERENCES = [{"prompt": "q:", "chosen": " yes", "rejected": " no"}]
 

@@ -20,15 +20,6 @@ FAST = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--logging_ste
         "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--seed", "0"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = make_tokenizer()
-    make_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

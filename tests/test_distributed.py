@@ -54,15 +54,6 @@ def launch(command: str, model_dir, data, out, per_device_batch: int, processes:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = make_tokenizer()
-    make_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, model_dir):
     runs = {}
     for command, records in (("sft", SFT_RECORDS), ("dpo", PREFERENCE_RECORDS)):

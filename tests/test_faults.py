@@ -38,15 +38,6 @@ def cli_env() -> dict[str, str]:
     return {**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = make_tokenizer()
-    make_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 # --- Resume exactly --------------------------------------------------------------------------------------------
 
 # The run to be killed sleeps before each step (numerics untouched) so that the kill lands mid-run.

@@ -15,13 +15,7 @@ PROMPTS = ["hello there", "ab", "a longer prompt, with commas"]
 EOS = 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine are ~100x slower with two contending threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_ensemble(model, num_members: int = 3, std: float = 0.3, seed: int = 0, **config) -> LoraEnsemble:
