@@ -1,14 +1,16 @@
 """Peak resident memory of SFT training: K=8 versus K=1 members at the same per-member batch, each in a fresh process.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_memory.py --model smollm2   # ~4 min
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_memory.py --model smollm2   # ~8 min
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_memory.py --model tiny
     add --quick for one training step per configuration instead of two
 
 Every configuration runs in its own subprocess (``--child NAME``), which loads the model, builds the adapters
-and the optimiser, records ``ru_maxrss`` ("loaded"), runs the training steps of ``bench_sft`` and reports the
-process's peak ``ru_maxrss``. The rise (peak - loaded) is the training memory: activations kept for backward,
-gradients, AdamW state. "Parameters held" counts the base model once plus the K adapters (ours and PEFT both
-share one base), against K full model copies (K separate fine-tuned models, each with its adapter).
+and the optimiser, reads every weight once (``from_pretrained`` maps the file lazily, so the weights would
+otherwise enter the resident set during the first step), records ``ru_maxrss`` ("loaded"), runs the training
+steps of ``bench_sft`` and reports the process's peak ``ru_maxrss``. The rise (peak - loaded) is the training
+memory: activations kept for backward, gradients, AdamW state. "Parameters held" counts the base model once
+plus the K adapters (ours and PEFT both share one base), against K full model copies (K separate fine-tuned
+models, each with its adapter).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 
 import common
+import torch
 
 import renyi_lora.likelihoods as likelihoods
 
@@ -63,12 +66,15 @@ def child(name: str, chosen: common.Setting, steps: int) -> dict:
         def step():
             common.peft_sft_step(model, names, optimizer, batch, renyi=option != "loop")
 
+    with torch.no_grad():  # page the weights in (from_pretrained maps the safetensors file lazily)
+        touched = sum(float(p.sum()) for p in base.parameters())
     loaded = peak_mb()
     for _ in range(steps):
         step()
     base_params = sum(p.numel() for p in base.parameters())
     adapter_params = sum(p.numel() for p in adapters)
     return {"loaded": loaded, "peak": peak_mb(), "K": K, "base": base_params, "adapters": adapter_params,
+            "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt, "touched": touched,
             "top_layers": common.top_layers(base, chosen.top_layers)}
 
 
@@ -102,10 +108,11 @@ def main() -> None:
         rows.append([
             name, f"{r['loaded']:.0f}", f"{r['peak']:.0f}", f"{rise:.0f}",
             f"{rise / (single['peak'] - single['loaded']):.2f}", f"{(r['base'] + r['adapters']) / 1e6:.2f}",
-            f"{copies / 1e6:.2f}",
+            f"{copies / 1e6:.2f}", f"{r['minor_faults'] / 1e3:.0f}",
         ])
     print(common.markdown_table(["configuration", "loaded", "peak", "rise", "rise / rise of ours K=1",
-                                 "params held, base once + K adapters (M)", "K full copies (M)"], rows))
+                                 "params held, base once + K adapters (M)", "K full copies (M)",
+                                 "minor page faults (thousands)"], rows))
 
 
 if __name__ == "__main__":

@@ -1,34 +1,37 @@
 """Critical alpha on a tiny language model: the estimator's prediction against what K = 2 members do.
 
-Two groups answer the same questions with different letters (question i: group A says one letter, group B
-another), every prompt in both groups, so the data conflict 50/50 prompt by prompt. Two data sets:
+Data: two groups answer the same questions with different letters (question i: group A says ``LETTERS[2i]``, group
+B ``LETTERS[2i + 1]``), every prompt in both groups, so the data conflict 50/50 prompt by prompt ("q3:" -> "g" or
+"h"). Model: a one-layer Llama of width 128 (initializer_range 0.1, DESIGN.md's note for tiny models) with LoRA on
+``down_proj``, at two ranks:
 
-- one answer per example ("q3:" -> "g"): a conflict that one model can represent by putting 1/2 on each letter
-  (DESIGN.md: well specified, alpha* = 1, the flat boundary);
-- two answers per example, both from one group ("q3,q5:" -> "g,k."): the group shows twice in one example, so the
-  two decisions are correlated; a model that cannot carry the first decision into the second is misspecified.
+- rank 8 can put 1/2 on each answer of every question: the conflict is represented (well specified), alpha* ~ 1;
+- rank 2 cannot serve six questions' twelve letters at once: misspecified, alpha* well below 1.
 
-For each, the script (a) fits one adapter (K = 1) to a minimum of NLL plus the training prior (Adam, then L-BFGS in
-float64), (b) estimates alpha* there with ``renyi_lora.critical.estimate_critical_alpha`` and (c) trains K = 2
-ensembles with ``RenyiTrainer`` over a sweep of alpha, from a fresh start (B = 0, each member its own A) and from
-the fitted adapter (both members at theta plus a small perturbation: the local question alpha* answers). It
-records how much the members have separated:
+For each rank the script (a) fits one adapter (K = 1) to a minimum of mean NLL plus the training prior (full-batch
+Adam, then L-BFGS), (b) estimates alpha* there with ``renyi_lora.critical.estimate_critical_alpha`` and (c) trains
+K = 2 ensembles with ``RenyiTrainer`` over a sweep of alpha:
 
-- group purity: responsibilities ``softmax_k L[k, b]`` (the mixture posterior, alpha = 1, so that it is comparable
-  across the sweep) averaged per group, under the best one-to-one assignment of groups to members
-  (0.5: no split by group, 1: each group owned by its own member);
-- example sharpness: mean over examples of ``max_k softmax_k L[k, b]`` (0.5: identical members, 1: every example
-  owned by one member, whichever group it is in).
+- from the fit: both members at the fitted adapter plus relative noise 1e-3, 600 Adam steps at 1e-4 (the local
+  question alpha* answers: does the perturbation grow or decay?). At 3e-3 Adam's steps of about the learning rate in
+  directions of tiny curvature carry even a single adapter off its minimum within 300 steps, into a region where V
+  is no longer positive definite, and the members then separate below alpha*;
+- from a fresh start: B = 0, each member its own A, 300 Adam steps at 3e-3 (the practical question).
 
-The model is a one-layer Llama of width 128 (initializer_range 0.1, DESIGN.md's note for tiny models) with rank-8
-LoRA on ``down_proj``: small enough that L-BFGS reaches a true minimum (all-linear adapters on deeper models stall at
-saddle-like points where V has negative curvature, and the estimator rightly refuses them).
+It measures how far apart the two members end up, from their completion log-likelihoods ``L [2, N]``:
+
+- gap: root mean square of ``L[0, b] - L[1, b]`` in nats (0 for identical members);
+- example sharpness: mean over examples of ``max_k softmax_k L[k, b]``, the mixture posterior (0.5 for identical
+  members, 1 when every example is owned by one member);
+- group purity: that posterior averaged per group under the better one-to-one assignment of the groups to the
+  members (0.5: no split by group). With one answer per example nothing ties a group's answers across prompts, so
+  purity stays near 0.5 even when members specialise (DESIGN.md, "When do members specialise?").
 
 Run from the repository root (about 3 minutes on one CPU core):
 
     .venv/bin/python examples/critical_alpha_lm.py
 
-It prints both tables and writes docs/images/critical_alpha_lm.png (``--output`` to change).
+It prints a table per rank and writes docs/images/critical_alpha_lm.png (``--output`` to change).
 """
 
 from __future__ import annotations
@@ -49,13 +52,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from renyi_lora.critical import completion_loglik_fn, estimate_critical_alpha, make_batches
 from renyi_lora.data import SFTCollator, TokenizedDataset, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.stability import StabilityResult
 from renyi_lora.train import RenyiConfig, RenyiTrainer
 
-ALPHAS = [0.0, 0.1, 0.2, 0.25, 0.3, 0.5, 0.75, 0.9, 1.0, 1.1, 1.5, 2.0, 4.0]
+ALPHAS = [0.0, 0.2, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.5, 4.0]
+TICKS = [0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 4.0]
 LETTERS = string.ascii_lowercase
-PRIOR_WEIGHT = 1e-3  # the Gaussian prior of training (prior_std 1), used by the fit, alpha* and the sweep alike
+PRIOR_WEIGHT = 1e-4  # the training default (prior_std 1), used by the fit, alpha* and the sweeps alike
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -202,9 +205,9 @@ def train_pair(ensemble: LoraEnsemble, dataset: TokenizedDataset, alpha: float, 
     config = ensemble.ensemble_config
     args = RenyiConfig(
         output_dir=output_dir, alpha=alpha, num_members=2, rank=config.rank, lora_alpha=config.lora_alpha,
-        target_modules=config.target_modules, max_steps=steps, learning_rate=learning_rate, lr_scheduler_type="constant",
-        per_device_train_batch_size=16, seed=seed, prior_weight=prior_weight, save_strategy="no", report_to="none",
-        disable_tqdm=True, logging_steps=10_000, use_cpu=True,
+        target_modules=config.target_modules, max_steps=steps, learning_rate=learning_rate,
+        lr_scheduler_type="constant", per_device_train_batch_size=16, seed=seed, prior_weight=prior_weight,
+        save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000, use_cpu=True,
     )
     trainer = RenyiTrainer(model=ensemble, args=args, group_names=dataset.group_names, train_dataset=dataset,
                            data_collator=SFTCollator(0))
@@ -228,7 +231,7 @@ def critical_alpha_at_fit(dataset: TokenizedDataset, tokenizer, rank: int, prior
     fitted = {name: value.detach().clone() for name, value in ensemble.named_parameters() if "lora_" in name}
     result = estimate_critical_alpha(
         make_model(len(tokenizer), seed), tokenizer, dataset, folder, max_examples=None, batch_size=len(dataset),
-        prior_weight=prior_weight, dtype=torch.float64, seed=seed, progress=False, num_eigenvalues=1,
+        prior_weight=prior_weight, dtype=torch.float64, seed=seed, progress=False, num_eigenvalues=1, tol=1e-3,
     )
     return result, gradient_norm, fitted
 
@@ -245,7 +248,12 @@ def main() -> None:
     parser.add_argument("--answers-per-example", type=int, default=1)
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 2], help="LoRA rank of each run")
     parser.add_argument("--prior-weight", type=float, default=PRIOR_WEIGHT)
-    parser.add_argument("--steps", type=int, default=300, help="training steps of each K = 2 ensemble")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of each fresh K = 2 ensemble")
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="Adam learning rate from a fresh start")
+    parser.add_argument("--fit-steps", type=int, default=600, help="training steps from the perturbed fit")
+    parser.add_argument("--fit-learning-rate", type=float, default=1e-4,
+                        help="Adam learning rate from the fit (3e-3 jitters it off the minimum, see the docs)")
+    parser.add_argument("--perturbation", type=float, default=1e-3, help="relative noise on the fitted members")
     parser.add_argument("--threshold", type=float, default=0.75, help="example sharpness that counts as specialised")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
@@ -273,7 +281,7 @@ def main() -> None:
             started = time.time()
             result, gradient_norm, fitted = critical_alpha_at_fit(dataset, tokenizer, rank, args.prior_weight,
                                                                   args.seed, workdir)
-            initial = separation(make_pair(len(tokenizer), rank, args.seed, start=fitted), dataset)["gap"]
+            initial = separation(make_pair(len(tokenizer), rank, args.seed, fitted, args.perturbation), dataset)["gap"]
             print(f"\nrank {rank}: single adapter fitted to gradient norm {gradient_norm:.1e}; alpha* = "
                   f"{result.alpha_star:.4f} (lambda_max {result.eigenvalues[0]:.4f}, {result.iterations} Lanczos "
                   f"steps, {time.time() - started:.0f} s); perturbed start: gap {initial:.3g} nats")
@@ -282,27 +290,32 @@ def main() -> None:
             rows: dict[str, list[float]] = {}
             for alpha in args.alphas:
                 line = f"  {alpha:6.2f} |"
-                for label, start in (("fit", fitted), ("fresh", None)):
-                    pair = make_pair(len(tokenizer), rank, args.seed, start=start)
-                    train_pair(pair, dataset, alpha, args.steps, args.prior_weight, args.seed, str(workdir / "out"))
+                for label, start, steps, learning_rate in (("fit", fitted, args.fit_steps, args.fit_learning_rate),
+                                                           ("fresh", None, args.steps, args.learning_rate)):
+                    pair = make_pair(len(tokenizer), rank, args.seed, start, args.perturbation)
+                    train_pair(pair, dataset, alpha, steps, args.prior_weight, args.seed, str(workdir / "out"),
+                               learning_rate)
                     for key, value in separation(pair, dataset).items():
                         rows.setdefault(f"{label} {key}", []).append(value)
                     line += " " * 14 + " ".join(f"{rows[f'{label} {key}'][-1]:{width}.3g}"
                                                 for key, width in (("gap", 8), ("sharpness", 9), ("purity", 6))) + " |"
                 print(line.rstrip(" |"), flush=True)
             grows = first_alpha(args.alphas, [gap > initial for gap in rows["fit gap"]])
-            specialised = {label: first_alpha(args.alphas, [value > args.threshold for value in rows[f"{label} sharpness"]])
-                           for label in ("fit", "fresh")}
+            specialised = {
+                label: first_alpha(args.alphas, [value > args.threshold for value in rows[f"{label} sharpness"]])
+                for label in ("fit", "fresh")
+            }
             print(f"  predicted alpha* {result.alpha_star:.3g}; the perturbation grows from alpha {grows:.3g} on; "
                   f"sharpness > {args.threshold} from alpha {specialised['fit']:.3g} (from the fit), "
                   f"{specialised['fresh']:.3g} (fresh start); {time.time() - started:.0f} s")
 
             top, bottom = axes[0, column], axes[1, column]
-            top.plot(args.alphas, rows["fit gap"], "o-", color="tab:orange", label="from the fit (+1% noise)")
-            top.plot(args.alphas, rows["fresh gap"], "o-", color="tab:blue", label="fresh start")
+            top.plot(args.alphas, rows["fit gap"], "o-", color="tab:orange",
+                     label=f"from the fit (+{args.perturbation:g} relative noise), {args.fit_steps} steps")
+            top.plot(args.alphas, rows["fresh gap"], "o-", color="tab:blue", label=f"fresh start, {args.steps} steps")
             top.axhline(initial, color="tab:orange", linestyle="--", linewidth=0.8, label="gap of the perturbed start")
             top.set_yscale("log")
-            top.set_title(f"rank {rank}: members' log-likelihood gap after {args.steps} steps")
+            top.set_title(f"rank {rank}: members' log-likelihood gap after training")
             bottom.plot(args.alphas, rows["fit sharpness"], "o-", color="tab:orange", label="sharpness, from the fit")
             bottom.plot(args.alphas, rows["fresh sharpness"], "o-", color="tab:blue", label="sharpness, fresh start")
             bottom.plot(args.alphas, rows["fit purity"], "x--", color="tab:orange", alpha=0.6,
@@ -313,7 +326,8 @@ def main() -> None:
             bottom.set_title(f"rank {rank}: routing (mixture posterior)")
             for axis in (top, bottom):
                 axis.axvline(result.alpha_star, color="black", linestyle=":", label=f"alpha* = {result.alpha_star:.3g}")
-                axis.set_xscale("symlog", linthresh=1.0, linscale=2.0)
+                axis.set_xscale("symlog", linthresh=1.0, linscale=2.0)  # linear on [0, 1], logarithmic above
+                axis.set_xticks(TICKS, [f"{tick:g}" for tick in TICKS])
     axes[0, 0].set_ylabel("RMS gap of L[0, b] - L[1, b] (nats)")
     axes[1, 0].set_ylabel("member responsibility")
     axes[0, 0].legend(fontsize=7)

@@ -53,7 +53,7 @@ class CriticalAlphaArguments:
     max_examples: int = field(default=64, metadata={"help": "Use at most this many examples (a seeded random subset): "
                               "every Lanczos step passes over them a few dozen times."})
     batch_size: int = field(default=8, metadata={"help": "Examples per forward (the full logits [B, T, V] are kept)."})
-    max_length: int = field(default=256, metadata={"help": "Maximum tokens per example (completions cut on the right)."})
+    max_length: int = field(default=256, metadata={"help": "Maximum tokens per example (completions are cut)."})
     length_normalize: bool = field(default=False, metadata={"help": "Mean instead of sum of token log-likelihoods, as "
                                    "in training with --length_normalize."})
     prior_weight: float = field(default=1e-4, metadata={"help": "The --prior_weight the adapter was trained with (the "
@@ -62,7 +62,7 @@ class CriticalAlphaArguments:
     rank: int = field(default=8, metadata={"help": "LoRA rank of the fresh adapter (only without --adapters)."})
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Modules the fresh "
                                       "adapter adapts (only without --adapters)."})
-    num_eigenvalues: int = field(default=3, metadata={"help": "How many top eigenvalues of J x = lambda V x to report."})
+    num_eigenvalues: int = field(default=3, metadata={"help": "How many top eigenvalues of J x = lambda V x to find."})
     max_iter: int = field(default=50, metadata={"help": "Most Lanczos steps."})
     tol: float = field(default=1e-3, metadata={"help": "Relative Ritz-residual tolerance of the eigenvalues."})
     damping: float = field(default=1e-4, metadata={"help": "Relative damping of V (handles LoRA's rescaling "
@@ -249,7 +249,8 @@ def estimate_critical_alpha(
     device = next(ensemble.parameters()).device
     batches = make_batches(dataset, pad_token_id, batch_size, max_examples, seed, device)
     params = member_params(ensemble, include_lora_A=adapters is not None)
-    loglik_fn = with_prior_curvature(completion_loglik_fn(ensemble, length_normalize), params, prior_weight / prior_std**2)
+    prior_curvature = prior_weight / prior_std**2
+    loglik_fn = with_prior_curvature(completion_loglik_fn(ensemble, length_normalize), params, prior_curvature)
     return critical_alpha(loglik_fn, params, batches, seed=seed, progress=progress, **solver_options)
 
 
@@ -293,9 +294,10 @@ def run_critical_alpha(args: CriticalAlphaArguments) -> tuple[StabilityResult, d
     result = estimate_critical_alpha(
         args.model, tokenizer, dataset, args.adapters, args.member, max_examples=args.max_examples,
         batch_size=args.batch_size, max_length=args.max_length, length_normalize=args.length_normalize,
-        prior_weight=args.prior_weight, prior_std=args.prior_std, ensemble_config=config, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code,
-        seed=args.seed, num_eigenvalues=args.num_eigenvalues, max_iter=args.max_iter, tol=args.tol,
-        damping=args.damping, cg_max_iter=args.cg_max_iter,
+        prior_weight=args.prior_weight, prior_std=args.prior_std, ensemble_config=config,
+        dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code, seed=args.seed,
+        num_eigenvalues=args.num_eigenvalues, max_iter=args.max_iter, tol=args.tol, damping=args.damping,
+        cg_max_iter=args.cg_max_iter,
     )
     record = {
         "model": args.model, "data": args.data, "adapters": args.adapters, "member": args.member,
