@@ -332,7 +332,8 @@ def main() -> None:
     axes[1, 0].set_ylabel("member responsibility")
     axes[0, 0].legend(fontsize=7)
     axes[1, 0].legend(fontsize=7)
-    figure.suptitle("Tiny Llama, LoRA on down_proj, one conflicting answer per example: two members against alpha")
+    figure.suptitle(f"Tiny Llama, LoRA on down_proj, {args.answers_per_example} conflicting answer(s) per example: "
+                    "two members against alpha")
     figure.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.output, dpi=120)
