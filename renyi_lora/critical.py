@@ -12,6 +12,11 @@ The products go through ``torch.func`` (forward-mode jvp and forward-over-revers
 kernels do not support: models are switched to ``attn_implementation="eager"``. They also go through the full logits
 ``[B, T, V]`` rather than the chunked, checkpointed head of ``likelihoods.token_logliks`` (``torch.func`` does not
 support checkpointing's saved-tensor hooks), so ``batch_size`` bounds the memory.
+
+theta must be a minimum of what the adapter was trained on, mean NLL plus the Gaussian prior: the prior's curvature
+is added to V (``with_prior_curvature``). Hugging Face's Llama computes RMSNorm and the attention softmax in float32
+even for a float64 model, so the products carry relative noise of about 1e-7 whatever ``dtype``: keep some damping.
+See docs/critical_alpha.md.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import DEFAULT_MODEL, check_model_exists, load_tokenizer, resolve_model_path
 from renyi_lora.stability import LoglikFn, Params, StabilityResult, critical_alpha
 
+WELL_SPECIFIED = 0.01  # |alpha* - 1| below this reads as the well-specified boundary (DESIGN.md section 2)
 NOT_FITTED = ("no adapters given: the point is the base model (a fresh adapter with B = 0), which is not a fitted "
               "minimum of the NLL, so alpha* describes no trained model; train one adapter to convergence "
               "(renyi-lora sft --num_members 1) and pass it as adapters")
@@ -178,7 +184,7 @@ def _load_eager(name_or_path: str, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     check_model_exists(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), torch_dtype=torch.float32,
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=torch.float32,
                                                 attn_implementation="eager", trust_remote_code=trust_remote_code)
 
 
@@ -272,12 +278,18 @@ def result_record(result: StabilityResult) -> dict[str, Any]:
 def report(result: StabilityResult) -> str:
     """What ``renyi-lora critical-alpha`` prints: alpha*, the top eigenvalues and the plain reading."""
     eigenvalues = ", ".join(f"{value:.4g}" for value in result.eigenvalues)
-    at_one = "separate" if result.alpha_star < 1 else "stay together (locally)"
+    if result.alpha_star < 1 - WELL_SPECIFIED:
+        at_one = "at alpha = 1 (the mixture likelihood) members separate: one adapter cannot fit this data"
+    elif result.alpha_star <= 1 + WELL_SPECIFIED:
+        at_one = ("alpha* ~ 1: one adapter fits this data (well specified); alpha = 1 is the flat boundary, members "
+                  "separate only above it")
+    else:
+        at_one = "at alpha = 1 (the mixture likelihood) members stay together, locally"
     return "\n".join([
         f"alpha* = {result.alpha_star:.4g}",
         f"top eigenvalues of J x = lambda V x: {eigenvalues}",
         result.summary(),
-        f"at alpha = 1 (the mixture likelihood) members {at_one}",
+        at_one,
     ])
 
 
