@@ -77,23 +77,9 @@ def preference_batches(trainer, vocab: int, pairs: int, length: int) -> tuple[di
     return dict(trl_batch), ours
 
 
-def main() -> None:
-    args = common.parse_args(__doc__)
-    chosen = common.resolve_setting(args)
-    common.print_header("DPO step: ours K=4 vs 4 x ours K=1 vs 4 x TRL DPOTrainer (PEFT)", chosen)
-    base, tokenizer = common.load_base(chosen.model)
-    tokenizer = tokenizer or common.char_tokenizer()
-    with tempfile.TemporaryDirectory() as output_dir:
-        trl = trl_trainer(base, tokenizer, output_dir)
-        trl_batch, batch = preference_batches(trl, base.config.vocab_size, chosen.batch, chosen.length)
-        cases = {
-            "ours K=1": trainer_step_case(our_trainer(base, 1, output_dir), batch),
-            "ours K=4": trainer_step_case(our_trainer(base, 4, output_dir), batch),
-            "TRL": trainer_step_case(trl, trl_batch),
-        }
-        times = common.run_interleaved(cases, chosen.warmup, chosen.rounds, chosen.steps)
-    print(f"B = {chosen.batch} pairs ({2 * chosen.batch} rows) of T = {chosen.length} tokens, LoRA q_proj, v_proj. "
-          "Ratios: median [min-max] of per-round ratios.\n")
+def report(clock: str, times: dict[str, list[float]], chosen: common.Setting) -> None:
+    print(f"### {clock}\n\nB = {chosen.batch} pairs ({2 * chosen.batch} rows) of T = {chosen.length} tokens, LoRA "
+          f"q_proj, v_proj. Times in ms of {clock}; ratios: median [min-max] of per-round ratios.\n")
     rows = [[name, common.ms(values), common.spread(values)] for name, values in times.items()]
     print(common.markdown_table(["case", "step (ms)", "spread"], rows))
     ours1, ours4, trl_times = times["ours K=1"], times["ours K=4"], times["TRL"]
@@ -104,6 +90,28 @@ def main() -> None:
     ]
     print()
     print(common.markdown_table(["ratio", "value", "target"], rows))
+    print()
+
+
+def main() -> None:
+    args = common.parse_args(__doc__)
+    chosen = common.resolve_setting(args)
+    common.print_header("DPO step: ours K=4 vs 4 x ours K=1 vs 4 x TRL DPOTrainer (PEFT)", chosen,
+                        f"B={chosen.batch} pairs, T={chosen.length} (completion = second half), LoRA r={common.RANK}, "
+                        f"lora_alpha={common.LORA_ALPHA:g}; {common.timing_line(chosen)}")
+    base, tokenizer = common.load_base(chosen.model)
+    tokenizer = tokenizer or common.char_tokenizer()
+    with tempfile.TemporaryDirectory() as output_dir:
+        trl = trl_trainer(base, tokenizer, output_dir)
+        trl_batch, batch = preference_batches(trl, base.config.vocab_size, chosen.batch, chosen.length)
+        cases = {
+            "ours K=1": trainer_step_case(our_trainer(base, 1, output_dir), batch),
+            "ours K=4": trainer_step_case(our_trainer(base, 4, output_dir), batch),
+            "TRL": trainer_step_case(trl, trl_batch),
+        }
+        timings = common.run_interleaved(cases, chosen.warmup, chosen.rounds, chosen.steps)
+    for clock, times in timings.clocks().items():
+        report(clock, times, chosen)
 
 
 if __name__ == "__main__":

@@ -106,10 +106,12 @@ def print_header(title: str, chosen: Setting, shapes: str | None = None) -> None
           f"transformers {transformers.__version__}")
     print(f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}; command: "
           f"`{' '.join(['python', *sys.argv])}`")
-    timing = (f"{chosen.warmup} warm-up + {chosen.rounds} timed rounds x {chosen.steps} steps per case, "
-              "cases interleaved")
     print(f"- model: {chosen.model}; " + (shapes or f"B={chosen.batch}, T={chosen.length} (completion = second "
-          f"half), LoRA r={RANK}, lora_alpha={LORA_ALPHA:g}; {timing}") + "\n", flush=True)
+          f"half), LoRA r={RANK}, lora_alpha={LORA_ALPHA:g}; {timing_line(chosen)}") + "\n", flush=True)
+
+
+def timing_line(chosen: Setting) -> str:
+    return f"{chosen.warmup} warm-up + {chosen.rounds} timed rounds x {chosen.steps} steps per case, cases interleaved"
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -252,9 +254,25 @@ def peft_sft_step(model, names: list[str], optimizer: torch.optim.Optimizer, bat
 # --------------------------------------------------------------------------------------------------- timing
 
 
+@dataclass
+class Timings:
+    """Seconds per call, one entry per timed round, on two clocks.
+
+    ``wall``: elapsed time. ``cpu``: this process's CPU time (all threads, ``time.process_time``), which leaves
+    out the time the process waits while other jobs hold the cores, so its ratios move less on the shared VM
+    (it does include the extra work that a cache thrashed by those jobs causes).
+    """
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+    def clocks(self) -> dict[str, dict[str, list[float]]]:
+        return {"wall clock": self.wall, "process CPU time": self.cpu}
+
+
 def run_interleaved(cases: dict[str, Callable[[], object]], warmup: int, rounds: int, steps: int = 1,
-                    progress: bool = True) -> dict[str, list[float]]:
-    """Seconds per call of every case, one entry per timed round: the median of ``steps`` consecutive calls.
+                    progress: bool = True) -> Timings:
+    """Time every case: per round, the median of ``steps`` consecutive calls, on both clocks.
 
     ``warmup`` untimed rounds first; the case order is rotated every round so that no case always follows
     the same neighbour.
@@ -263,21 +281,23 @@ def run_interleaved(cases: dict[str, Callable[[], object]], warmup: int, rounds:
     for _ in range(warmup):
         for name in names:
             cases[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    timings = Timings({name: [] for name in names}, {name: [] for name in names})
     for r in range(rounds):
         started = time.perf_counter()
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             gc.collect()
-            calls = []
+            wall, cpu = [], []
             for _ in range(steps):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 cases[name]()
-                calls.append(time.perf_counter() - start)
-            times[name].append(statistics.median(calls))
+                wall.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
+            timings.wall[name].append(statistics.median(wall))
+            timings.cpu[name].append(statistics.median(cpu))
         if progress:
             print(f"  round {r + 1}/{rounds}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    return times
+    return timings
 
 
 def median(values: list[float]) -> float:

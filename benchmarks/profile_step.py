@@ -101,7 +101,7 @@ def head_timings(base, chosen: common.Setting, members: int) -> None:
         return run
 
     times = common.run_interleaved({name: case(f) for name, f in variants.items()}, 1, 2 * chosen.rounds + 1,
-                                   chosen.steps, progress=False)
+                                   chosen.steps, progress=False).wall
     library = times["library (checkpointed chunks)"]
     print(f"### Output head alone: forward + backward on N = K*B*T/2 = {rows} rows, V = {head.out_features}, "
           f"H = {head.in_features}; gradients checked equal\n")

@@ -1,10 +1,11 @@
 """``renyi-lora demo``: soft specialists at work on the embedded SmolLM2-135M, offline, in minutes on a CPU.
 
 Trains K = 4 members at alpha = 0 (the plain ensemble), 1 (the mixture) and 4 (toward winner-take-all), and a
-single adapter (K = 1) the same way, on data generated in code (``demo_data``): two personas that share every
-prompt and disagree on the spelling convention (conflicting, identifiable: three decisions per example), and
-capital cities that everyone agrees on (consistent). Then it evaluates each with ``evaluate_multiple_choice``,
-shows what each member generates with the mixture's per-token MI, and writes ``report.md`` with the plots.
+single adapter (K = 1) the same way, on data generated in code (``demo_data``): four house styles that share
+every prompt and disagree on spelling and case (conflicting, identifiable: three words per example), two
+annotators with opposite tastes on one word per example (conflicting, not identifiable), and capital cities that
+everyone agrees on (consistent). Then it evaluates each with ``evaluate_multiple_choice``, shows what each member
+generates with the mixture's per-token MI, and writes ``report.md`` with the plots.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Literal
 import torch
 
 from renyi_lora.data import SFTCollator, load_multiple_choice, load_sft_dataset
-from renyi_lora.demo_data import CONFLICTING, CONSISTENT, write_demo_data
+from renyi_lora.demo_data import CONFLICTING, CONSISTENT, ONE_DECISION, write_demo_data
 from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.evaluate import evaluate_multiple_choice, format_number, format_table
 from renyi_lora.generate import generate
@@ -36,7 +37,7 @@ class DemoArguments:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base model (the embedded SmolLM2-135M by default)."})
     alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 4.0], metadata={"help": "Renyi orders to train."})
     num_members: int = field(default=4, metadata={"help": "K for the ensembles (a K = 1 adapter is trained too)."})
-    max_steps: int = field(default=48, metadata={"help": "Optimizer steps per training run."})
+    max_steps: int = field(default=64, metadata={"help": "Optimizer steps per training run."})
     batch_size: int = field(default=8, metadata={"help": "Examples per step (per member)."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate."})
     top_layers: int = field(default=4, metadata={"help": "Adapt only the top N decoder layers; the layers below run "
@@ -80,6 +81,10 @@ def _train(args: DemoArguments, tokenizer, dataset, alpha: float, num_members: i
     return ensemble.eval(), routing_summary(trainer, dataset, dataset.group_names), seconds
 
 
+# The three kinds of (dis)agreement in the demo data, as (label, groups).
+PARTS = {"conflicting": CONFLICTING, "one decision": ONE_DECISION, "consistent": CONSISTENT}
+
+
 def _group_mean(results: dict, groups: tuple[str, ...], key: str) -> float:
     values = [results["groups"][g]["mixture"][key] for g in groups if g in results["groups"]]
     return sum(values) / len(values)
@@ -92,6 +97,7 @@ def run_demo(args: DemoArguments) -> dict:
         from renyi_lora.demo_real import run_real_text  # lazy: demo_real imports this module
 
         return {"real_text": run_real_text(args)}
+    started = time.perf_counter()
     out = Path(args.output_dir)
     paths = write_demo_data(out / "data", seed=args.seed)
     print(f"data written to {out / 'data'}: " + ", ".join(p.name for p in paths.values()))
@@ -114,9 +120,10 @@ def run_demo(args: DemoArguments) -> dict:
     _show(summary, out)
     demo_name = next((n for n, a, k in runs if k > 1 and a == 1.0), runs[-2][0])
     summary["generations"] = _generations(ensembles[demo_name], tokenizer, demo_name)
+    summary["wall_seconds"] = time.perf_counter() - started
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(summary, out)
-    print(f"\nreport: {out / 'report.md'}")
+    print(f"\nreport: {out / 'report.md'} ({summary['wall_seconds'] / 60:.1f} min)")
     if args.real_text == "yes":
         from renyi_lora.demo_real import run_real_text
 
@@ -125,28 +132,29 @@ def run_demo(args: DemoArguments) -> dict:
 
 
 def _show(summary: dict, out: Path) -> None:
-    rows, accuracy_rows = [], []
-    for name, run in summary["runs"].items():
-        results = run["eval"]
-        conflicting, consistent = _group_mean(results, CONFLICTING, "epistemic"), _group_mean(
-            results, CONSISTENT, "epistemic")
-        run["mi_conflicting"], run["mi_consistent"] = conflicting, consistent
-        rows.append([name, conflicting, consistent, conflicting / max(consistent, 1e-12), run["seconds_per_step"]])
-        for group, block in results["groups"].items():
-            best = max(m["accuracy"] for m in block["members"])
-            accuracy_rows.append([name, group, block["mixture"]["accuracy"], best])
+    for run in summary["runs"].values():
+        run["mi"] = {part: _group_mean(run["eval"], groups, "epistemic") for part, groups in PARTS.items()}
+        run["mi_ratio"] = run["mi"]["conflicting"] / max(run["mi"]["consistent"], 1e-12)
     print("\nmean mutual information (epistemic) of the mixture on held-out multiple choice:")
-    print(format_table(["run", "MI conflicting", "MI consistent", "ratio", "s/step"],
-                       [[r[0], *map(format_number, r[1:])] for r in rows]))
-    print("\naccuracy per group (conflicting groups share prompts, so no single predictor exceeds ~0.5 on both):")
-    print(format_table(["run", "group", "mixture", "best member"],
-                       [[r[0], r[1], *map(format_number, r[2:])] for r in accuracy_rows]))
+    print(format_table(["run", *(f"MI {part}" for part in PARTS), "conflicting / consistent", "s/step"],
+                       [[name, *map(format_number, [*run["mi"].values(), run["mi_ratio"], run["seconds_per_step"]])]
+                        for name, run in summary["runs"].items()]))
+    print("\naccuracy per group, mixture / best member (groups in conflict share prompts: no single predictor is "
+          "right on both sides):")
+    groups = list(next(iter(summary["runs"].values()))["eval"]["groups"])
+    print(format_table(["run", *groups], [[name, *(_accuracy_cell(run, g) for g in groups)]
+                                          for name, run in summary["runs"].items()]))
     print("\nrouting over the training set (mean responsibility per member):")
     for name, run in summary["runs"].items():
         if run["num_members"] > 1:
             print(f"  {name}")
             for group, row in run["routing"].items():
                 print(f"    {group:>10}: " + "  ".join(f"{w:.2f}" for w in row))
+
+
+def _accuracy_cell(run: dict, group: str) -> str:
+    block = run["eval"]["groups"][group]
+    return f"{block['mixture']['accuracy']:.2f} / {max(m['accuracy'] for m in block['members']):.2f}"
 
 
 def _generations(ensemble: LoraEnsemble, tokenizer, name: str) -> list[dict]:
@@ -176,21 +184,22 @@ def _report(summary: dict, out: Path) -> None:
             routing_heatmap([run["routing"][g] for g in groups], groups, images / slug, title=name)
             lines.append(f"![{name}](images/{slug})")
     names = list(summary["runs"])
-    bar_chart({"conflicting": [summary["runs"][n]["mi_conflicting"] for n in names],
-               "consistent": [summary["runs"][n]["mi_consistent"] for n in names]}, names, images / "mi.png",
+    bar_chart({part: [summary["runs"][n]["mi"][part] for n in names] for part in PARTS}, names, images / "mi.png",
               title="Mean MI of the mixture on held-out multiple choice", ylabel="mutual information (nats)")
-    lines += ["", "## Epistemic uncertainty: conflicting vs consistent prompts", "", "![MI](images/mi.png)", "",
-              "| run | MI conflicting | MI consistent | ratio | s/step |", "|---|---|---|---|---|"]
+    lines += ["", "Rows are groups, columns members. The four house styles are identifiable (a style shows on three "
+              "words per example): as alpha grows each gets its own member. Tea versus coffee is one word per "
+              "example: a 50/50 member represents it exactly, so nothing forces a split at alpha = 1.", "",
+              "## Epistemic uncertainty: conflicting vs consistent prompts", "", "![MI](images/mi.png)", "",
+              "| run | " + " | ".join(f"MI {part}" for part in PARTS) + " | conflicting / consistent | s/step |",
+              "|---" * (len(PARTS) + 3) + "|"]
     for name, run in summary["runs"].items():
-        ratio = run["mi_conflicting"] / max(run["mi_consistent"], 1e-12)
-        lines.append(f"| {name} | {run['mi_conflicting']:.4f} | {run['mi_consistent']:.2g} | {ratio:.3g} | "
-                     f"{run['seconds_per_step']:.2f} |")
-    lines += ["", "## Accuracy per group (held-out multiple choice)", "", "| run | group | mixture | best member |",
-              "|---|---|---|---|"]
-    for name, run in summary["runs"].items():
-        for group, block in run["eval"]["groups"].items():
-            best = max(m["accuracy"] for m in block["members"])
-            lines.append(f"| {name} | {group} | {block['mixture']['accuracy']:.2f} | {best:.2f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in run["mi"].values())
+                     + f" | {run['mi_ratio']:.3g} | {run['seconds_per_step']:.2f} |")
+    groups = list(next(iter(summary["runs"].values()))["eval"]["groups"])
+    lines += ["", "## Accuracy per group (held-out multiple choice): mixture / best member", "",
+              "| run | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(_accuracy_cell(run, g) for g in groups) + " |"
+              for name, run in summary["runs"].items()]
     lines += ["", "## Generations", ""]
     for record in summary["generations"]:
         lines.append(f"Prompt `{record['prompt'].strip()}`:")

@@ -37,11 +37,11 @@ def _convert_gguf(package: str, gguf_name: str, target: Path) -> None:
     folder = spec.submodule_search_locations[0]
     logger.warning("Converting the embedded %s to a Hugging Face folder at %s (once).", gguf_name, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, torch_dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
     plain.config.name_or_path = gguf_name.removesuffix(".gguf")
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
@@ -83,15 +83,47 @@ def check_model_exists(name_or_path: str) -> None:
         raise FileNotFoundError(f"--model {name_or_path}: no such folder (aliases: {sorted(EMBEDDED)})")
 
 
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def check_quantization(quantization: str | None) -> None:
+    """A quantised frozen base (QLoRA-style) runs on CUDA through ``bitsandbytes``; refuse anything else early."""
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}; got {quantization!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--load_in_{quantization} needs a CUDA GPU (bitsandbytes quantises the frozen base on "
+                         "CUDA only); on a CPU train with the float32 base, --layers_to_transform and "
+                         "--member_chunk_size to save memory")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"--load_in_{quantization} needs the bitsandbytes package: pip install bitsandbytes")
+
+
 def load_model_and_tokenizer(
     name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False, torch_dtype: torch.dtype | str = "auto",
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer; the tokenizer gets a pad token (eos) if it has none."""
+    """Load a causal LM and its tokenizer; the tokenizer gets a pad token (eos) if it has none.
+
+    ``quantization`` ``"4bit"`` (NF4, compute in ``torch_dtype``) or ``"8bit"`` loads the frozen weights through
+    bitsandbytes on the current CUDA device; the LoRA members added later stay in float32.
+    """
+    check_quantization(quantization)
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, torch_dtype=torch_dtype,
-                                                 trust_remote_code=trust_remote_code)
+    extra = {}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.bfloat16
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit", bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute)
+        extra["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code, **extra)
     return model, tokenizer
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -21,6 +22,7 @@ from renyi_lora.io import export_all_peft, read_ensemble_config
 from renyi_lora.models import (
     DEFAULT_MODEL,
     check_model_exists,
+    check_quantization,
     load_model_and_tokenizer,
     load_tokenizer,
     resolve_model_path,
@@ -37,6 +39,29 @@ class ModelArguments:
     adapters: str | None = field(default=None, metadata={"help": "Start from a saved ensemble folder instead of "
                                  "fresh adapters (its K, rank and target modules are used)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder/hub."})
+    base_dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype of the "
+                                                               "frozen base weights (bfloat16 halves their memory on a "
+                                                               "GPU); the LoRA members stay float32."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA-style NF4 frozen base through bitsandbytes "
+                               "(CUDA only)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit frozen base through bitsandbytes (CUDA only)."})
+
+    def __post_init__(self) -> None:
+        if self.base_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--base_dtype must be float32, bfloat16 or float16; got {self.base_dtype!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("give at most one of --load_in_4bit and --load_in_8bit")
+        check_quantization(self.quantization)  # before any data or weights are read
+
+    @property
+    def quantization(self) -> str | None:
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+    def load_model(self):
+        """The base model as these arguments ask (dtype, quantisation)."""
+        model, _ = load_model_and_tokenizer(self.model, self.trust_remote_code, getattr(torch, self.base_dtype),
+                                            quantization=self.quantization)
+        return model
 
 
 @dataclass
@@ -135,7 +160,7 @@ def run_sft(model_args: ModelArguments, data_args: DataArguments, config: RenyiC
     train_dataset = load_sft_dataset(data_args.data, tokenizer, data_args.max_length)
     eval_dataset = load_sft_dataset(data_args.eval_data, tokenizer, data_args.max_length) if data_args.eval_data \
         else None
-    model, _ = load_model_and_tokenizer(model_args.model, model_args.trust_remote_code, torch_dtype=torch.float32)
+    model = model_args.load_model()
     ensemble = build_ensemble(model_args, config, model)
     trainer = RenyiTrainer(
         model=ensemble, args=config, group_names=train_dataset.group_names, train_dataset=train_dataset,
@@ -160,7 +185,7 @@ def run_dpo(model_args: ModelArguments, data_args: DataArguments, config) -> dic
     train_dataset = load_preference_dataset(data_args.data, tokenizer, data_args.max_length)
     eval_dataset = load_preference_dataset(data_args.eval_data, tokenizer, data_args.max_length) \
         if data_args.eval_data else None
-    model, _ = load_model_and_tokenizer(model_args.model, model_args.trust_remote_code, torch_dtype=torch.float32)
+    model = model_args.load_model()
     ensemble = build_ensemble(model_args, config, model)
     if config.reference == "initial":
         ensemble.freeze_reference()

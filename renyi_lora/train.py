@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
@@ -86,6 +87,8 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"--nonfinite must be 'stop' or 'skip'; got {self.nonfinite!r}")
         super().__post_init__()
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs CUDA; torch warns on every loader otherwise
 
     def ensemble_config(self) -> EnsembleConfig:
         return EnsembleConfig(**{f.name: getattr(self, f.name) for f in fields(EnsembleConfig)})
@@ -346,11 +349,13 @@ def routing_summary(trainer: RenyiTrainer, dataset: Dataset, group_names: list[s
     names = group_names or ["all"]
     K = trainer.ensemble.num_members
     resp, nll, count = torch.zeros(len(names), K), torch.zeros(len(names), K), torch.zeros(len(names))
-    for batch in loader:
+    bar = tqdm(loader, desc="routing summary", disable=args.disable_tqdm or not trainer.is_world_process_zero())
+    for batch in bar:
         group = batch.pop("group")  # [B]
         if not group_names:
             group = torch.zeros_like(group)
-        _, w, loglik = trainer.data_term(model, trainer._prepare_inputs(batch))
+        with torch.no_grad():
+            _, w, loglik = trainer.data_term(model, trainer._prepare_inputs(batch))
         valid = group >= 0  # examples without a group count in no row
         group, w, loglik = group[valid], w[:, valid].T.float().cpu(), loglik[:, valid].T.float().cpu()
         resp.index_add_(0, group, w)

@@ -84,6 +84,10 @@ def test_sft_then_dpo_with_the_initial_reference(tmp_path, model_dir):
     (["--target_modules", "no_such_proj"], "matched no linear module"),
     (["--model", "/no/such/model"], "no such folder"),
     (["--data", "/no/such/file.jsonl"], "not found"),
+    (["--base_dtype", "float64"], "base_dtype"),
+    (["--load_in_4bit", "true", "--load_in_8bit", "true"], "at most one"),
+    pytest.param(["--load_in_4bit", "true"], "needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused on a CPU only")),
 ])
 def test_bad_arguments_fail_cleanly(tmp_path, model_dir, flags, message):
     data = write_jsonl(tmp_path / "train.jsonl", SFT_RECORDS)
