@@ -115,7 +115,7 @@ def main() -> None:
         rows.append([
             str(r["K"]), str(r["chunk"]), "on" if r["checkpointing"] else "off", f"{r['loaded']:.0f}",
             f"{r['peak']:.0f}", f"{r['peak'] - r['loaded']:.0f}", f"{r['peak'] / one['peak']:.2f}",
-            f"{r['step']:.2f}", f"{r['step'] / all_at_once['step']:.2f}", f"{r['step'] / (r['K'] * one['step']):.2f}",
+            f"{r['step']:.3g}", f"{r['step'] / all_at_once['step']:.2f}", f"{r['step'] / (r['K'] * one['step']):.2f}",
         ])
     print("Memory in MB (ru_maxrss of the configuration's own process); ratios against the K = 1 run and the "
           "all-at-once (c = K) run with the same checkpointing setting. Targets: K=8, c=1 peak / K=1 peak <= 1.5; "

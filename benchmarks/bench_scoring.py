@@ -26,7 +26,7 @@ CHOICES = 4
 
 def scoring_shapes(model: str, quick: bool) -> tuple[int, int, int]:
     """``(items, T, minibatch M)``."""
-    if model == "tiny":
+    if model != "smollm2":
         return (16 if quick else 64), 64, 64
     return (2 if quick else 4), 64, 16
 

@@ -45,7 +45,7 @@ def build_cases(base, chosen: common.Setting, batch) -> tuple[dict, dict]:
     for K in chosen.members:
         cases[f"ours K={K}"], _ = ours_case(base, K, batch)
         cases[f"PEFT Renyi K={K}"] = peft_case(peft_model, K, batch, renyi=True)
-        if K > 1 and chosen.model == "tiny":
+        if K > 1 and chosen.model != "smollm2":
             cases[f"PEFT loop K={K}"] = peft_case(peft_model, K, batch, renyi=False)
     cases["ours K=1 all-linear"], _ = ours_case(base, 1, batch, targets=common.ALL_LINEAR)
     cases["ours K=4 all-linear"], _ = ours_case(base, 4, batch, targets=common.ALL_LINEAR)

@@ -46,15 +46,21 @@ LEARNING_RATE = 2e-4
 QV = ["q_proj", "v_proj"]
 ALL_LINEAR = ["all-linear"]
 PEFT_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TINY_CONFIG = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-               "intermediate_size": 256, "vocab_size": 1000}
+# "tiny": the test suite's random Llama (tests/conftest.py make_llama: hidden 32, 2 layers); "small": 4x wider with a
+# 1000-token vocabulary, where a step is already compute-bound on 2 cores (see README, "Benchmarks").
+RANDOM_CONFIGS = {
+    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 64, "vocab_size": 128},
+    "small": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "intermediate_size": 256, "vocab_size": 1000},
+}
 
 
 @dataclass
 class Setting:
     """Shapes and repetition counts of one run (``--model`` x ``--quick``)."""
 
-    model: str  # "tiny" or "smollm2"
+    model: str  # "tiny", "small" or "smollm2"
     batch: int  # B examples per member
     length: int  # T tokens; the completion is the second half
     members: list[int]  # the K sweep
@@ -65,8 +71,8 @@ class Setting:
 
 
 def setting(model: str, quick: bool) -> Setting:
-    if model == "tiny":
-        return Setting("tiny", 8, 64, [1, 2, 4, 8], warmup=1 if quick else 2, rounds=3 if quick else 10,
+    if model in RANDOM_CONFIGS:
+        return Setting(model, 4, 128, [1, 2, 4, 8], warmup=1 if quick else 2, rounds=3 if quick else 10,
                        steps=3 if quick else 5, top_layers=1)
     return Setting("smollm2", 4, 128, [1, 4] if quick else [1, 4, 8], warmup=1, rounds=1 if quick else 2, steps=1,
                    top_layers=6)
@@ -74,7 +80,7 @@ def setting(model: str, quick: bool) -> Setting:
 
 def parse_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--model", choices=[*RANDOM_CONFIGS, "smollm2"], default="tiny")
     parser.add_argument("--quick", action="store_true", help="fewer members and rounds (a smoke run)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (overrides the default)")
     args = parser.parse_args(argv)
@@ -119,9 +125,9 @@ def timing_line(chosen: Setting) -> str:
 
 def load_base(model: str) -> tuple[torch.nn.Module, object | None]:
     """The frozen base LM (eval mode, float32) and its tokenizer (None for the tiny random Llama)."""
-    if model == "tiny":
+    if model in RANDOM_CONFIGS:
         torch.manual_seed(0)
-        config = LlamaConfig(**TINY_CONFIG, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+        config = LlamaConfig(**RANDOM_CONFIGS[model], max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
                              bos_token_id=None)
         return LlamaForCausalLM(config).eval(), None
     from renyi_lora.models import load_model_and_tokenizer

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ class DemoArguments:
     num_members: int = field(default=4, metadata={"help": "K for the ensembles (a K = 1 adapter is trained too)."})
     max_steps: int = field(default=64, metadata={"help": "Optimizer steps per training run."})
     batch_size: int = field(default=8, metadata={"help": "Examples per step (per member)."})
+    alpha_warmup_steps: int = field(default=24, metadata={"help": "Raise alpha from 0 over the first N steps "
+                                    "(deterministic annealing; without it some members can lose every example "
+                                    "early and stay unused)."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate."})
     top_layers: int = field(default=4, metadata={"help": "Adapt only the top N decoder layers; the layers below run "
                             "once on B rows (a shared trunk), which keeps the demo fast on a CPU."})
@@ -65,8 +69,10 @@ def _train(args: DemoArguments, tokenizer, dataset, alpha: float, num_members: i
     model, _ = load_model_and_tokenizer(args.model, torch_dtype=torch.float32)
     layers = model.config.num_hidden_layers
     config = RenyiConfig(
-        output_dir=str(out), alpha=alpha, num_members=num_members, rank=8, lora_alpha=16,
-        layers_to_transform=list(range(layers - args.top_layers, layers)), max_steps=args.max_steps,
+        output_dir=str(out), alpha=alpha, num_members=num_members,
+        alpha_warmup_steps=0 if math.isinf(alpha) else min(args.alpha_warmup_steps, args.max_steps // 2),
+        rank=8, lora_alpha=16,
+        layers_to_transform=list(range(max(layers - args.top_layers, 0), layers)), max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=32, learning_rate=args.learning_rate,
         lr_scheduler_type="constant", seed=args.seed, save_strategy="no", report_to="none", logging_steps=12,
         use_cpu=not torch.cuda.is_available(),

@@ -46,6 +46,10 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
     alpha: float = field(default=1.0, metadata={"help": "Renyi order: 0 = variational Bayes (every member fits all "
                          "data), 1 = mixture likelihood (members may specialise), >1 sharper routing, inf = "
                          "winner-take-all."})
+    alpha_warmup_steps: int = field(default=0, metadata={"help": "Raise alpha linearly from 0 to --alpha over the "
+                                    "first N optimizer steps (deterministic annealing): members first fit what all "
+                                    "data share, then split as the routing sharpens, instead of some members "
+                                    "losing every example early. 0 = off."})
     prior_std: float = field(default=1.0, metadata={"help": "Std of the Gaussian prior N(0, prior_std^2) on LoRA "
                              "parameters."})
     prior_weight: float = field(default=1e-4, metadata={"help": "Weight of the prior term (1/K) sum_k ||theta_k||^2 / "
@@ -77,6 +81,9 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
         EnsembleConfig.__post_init__(self)
         if not self.alpha >= 0:
             raise ValueError(f"--alpha must be >= 0 (or inf); got {self.alpha}")
+        if self.alpha_warmup_steps < 0 or (self.alpha_warmup_steps > 0 and math.isinf(self.alpha)):
+            raise ValueError(f"--alpha_warmup_steps must be >= 0 and needs a finite --alpha; got "
+                             f"{self.alpha_warmup_steps} with alpha {self.alpha}")
         if self.prior_std <= 0 or self.prior_weight < 0:
             raise ValueError(f"need --prior_std > 0 and --prior_weight >= 0; got {self.prior_std}, {self.prior_weight}")
         if self.member_chunk_size is not None:
@@ -116,6 +123,14 @@ class RenyiTrainer(Trainer):
     def ensemble(self) -> LoraEnsemble:
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def alpha(self) -> float:
+        """The Renyi order in force: ``--alpha``, or during ``--alpha_warmup_steps`` of training its linear ramp."""
+        args: RenyiConfig = self.args
+        if args.alpha_warmup_steps and self.model.training and self.state.global_step < args.alpha_warmup_steps:
+            return args.alpha * self.state.global_step / args.alpha_warmup_steps
+        return args.alpha
+
     def data_term(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mean alpha-Renyi loss, responsibilities [K, B], member log-likelihoods [K, B])`` of a batch.
 
@@ -126,7 +141,7 @@ class RenyiTrainer(Trainer):
         labels = inputs["labels"]
         token = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), labels=labels)
         # float32 whatever the autocast dtype: a bf16 logsumexp over members loses the routing signal.
-        return routed_loss(token.float(), labels != IGNORE_INDEX, args.alpha, args.routing_level,
+        return routed_loss(token.float(), labels != IGNORE_INDEX, self.alpha, args.routing_level,
                            args.length_normalize)
 
     def member_loglik(self, model, inputs: dict) -> torch.Tensor:
@@ -179,7 +194,7 @@ class RenyiTrainer(Trainer):
                 with ensemble.members(start, stop):
                     parts.append(self.member_loglik(model, inputs))
             loglik = torch.cat(parts)  # [K, B]
-            data_term, w = renyi_loss(loglik, args.alpha)
+            data_term, w = renyi_loss(loglik, self.alpha)
         scale = 1.0 / self.current_gradient_accumulation_steps
         prior = torch.zeros((), device=loglik.device)
         for i, (start, stop) in enumerate(chunks):
@@ -276,6 +291,8 @@ class RenyiTrainer(Trainer):
                 if totals[g, -1] > 0:
                     for k, value in enumerate((totals[g, :-1] / totals[g, -1]).tolist()):
                         metrics[f"routing/{name}/member_{k}"] = value
+        if mode == "train" and self.args.alpha_warmup_steps:
+            metrics["renyi/alpha"] = self.alpha
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs = {**logs, **{k: v for k, v in metrics.items() if math.isfinite(v)}}
