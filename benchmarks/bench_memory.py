@@ -23,8 +23,6 @@ import sys
 import common
 import torch
 
-import renyi_lora.likelihoods as likelihoods
-
 MEMBERS = 8
 # name -> (library, K, LoRA on the top-N layers only (None = all layers), option)
 CONFIGS = {
@@ -32,7 +30,6 @@ CONFIGS = {
     "ours K=8": ("ours", MEMBERS, None, None),
     "ours K=8, top layers (shared trunk)": ("ours", MEMBERS, "top", None),
     "ours K=8, top layers, trunk off": ("ours", MEMBERS, "top", "trunk off"),
-    "ours K=8, head not checkpointed (diagnostic)": ("ours", MEMBERS, None, "no checkpoint"),
     "PEFT K=1": ("peft", 1, None, None),
     "PEFT K=8, K graphs + 1 Renyi backward": ("peft", MEMBERS, None, "renyi"),
     "PEFT K=8, plain loop (backward per adapter)": ("peft", MEMBERS, None, "loop"),
@@ -52,8 +49,6 @@ def child(name: str, chosen: common.Setting, steps: int) -> dict:
         ensemble = common.make_ensemble(base, K, layers=layers, shared_trunk=option != "trunk off")
         adapters = ensemble.lora_parameters()
         optimizer = common.adamw(adapters)
-        if option == "no checkpoint":
-            likelihoods.checkpoint = lambda function, *args, use_reentrant=False: function(*args)
 
         def step():
             common.ours_sft_step(ensemble, optimizer, batch)

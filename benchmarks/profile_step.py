@@ -38,41 +38,18 @@ def profile_case(name: str, step, rows: int) -> None:
     print("```\n", flush=True)
 
 
-class _FusedTargetLogprob(torch.autograd.Function):
-    """``log p(target)`` of one chunk whose backward needs no second pass over the vocabulary.
-
-    With a frozen head, d log p_n / d h_n = W[t_n] - softmax(h_n W^T) W, an ``[N, H]`` tensor computed in the
-    forward pass; the backward only scales it by the incoming ``[N]`` gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        logits = (hidden @ weight.T).float()  # [N, V]
-        logsumexp = torch.logsumexp(logits, dim=1)  # [N]
-        logp = logits.gather(1, targets[:, None]).squeeze(1) - logsumexp
-        probs = logits.sub_(logsumexp[:, None]).exp_()  # in place: the logits are not needed any more
-        ctx.save_for_backward((weight[targets] - (probs.to(weight.dtype) @ weight)).to(hidden.dtype))  # [N, H]
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad):
-        (d_hidden,) = ctx.saved_tensors
-        return grad[:, None].to(d_hidden.dtype) * d_hidden, None, None
-
-
-def fused_target_logprobs(hidden, head, targets, chunk_size: int = 1024) -> torch.Tensor:
-    """Drop-in for ``likelihoods.target_logprobs`` (frozen head without bias, the LoRA case)."""
-    return torch.cat([_FusedTargetLogprob.apply(hidden[i:i + chunk_size], head.weight, targets[i:i + chunk_size])
+def checkpointed_chunks(hidden, head, targets, chunk_size: int = 1024) -> torch.Tensor:
+    """The fallback path of ``likelihoods.target_logprobs`` (a head with a bias or trainable weights)."""
+    return torch.cat([likelihoods.checkpoint(likelihoods._chunk_logprobs, hidden[i:i + chunk_size], head.weight,
+                                             head.bias, targets[i:i + chunk_size], use_reentrant=False)
                       for i in range(0, hidden.shape[0], chunk_size)])
 
 
 def without_checkpoint(hidden, head, targets, chunk_size: int = 1024) -> torch.Tensor:
-    original = likelihoods.checkpoint
-    likelihoods.checkpoint = lambda function, *args, use_reentrant=False: function(*args)
-    try:
-        return likelihoods.target_logprobs(hidden, head, targets, chunk_size)
-    finally:
-        likelihoods.checkpoint = original
+    """Plain autograd through each chunk: its ``[chunk, V]`` logits stay alive until backward."""
+    return torch.cat([likelihoods._chunk_logprobs(hidden[i:i + chunk_size], head.weight, head.bias,
+                                                  targets[i:i + chunk_size])
+                      for i in range(0, hidden.shape[0], chunk_size)])
 
 
 def head_timings(base, chosen: common.Setting, members: int) -> None:
@@ -82,15 +59,16 @@ def head_timings(base, chosen: common.Setting, members: int) -> None:
     hidden = torch.randn(rows, head.in_features, generator=generator).requires_grad_(True)
     targets = torch.randint(0, head.out_features, (rows,), generator=generator)
     upstream = torch.randn(rows, generator=generator)
-    variants = {"library (checkpointed chunks)": likelihoods.target_logprobs,
-                "no checkpoint (logits kept)": without_checkpoint, "fused-gradient sketch": fused_target_logprobs}
+    variants = {"library (fused gradient)": likelihoods.target_logprobs,
+                "checkpointed chunks (fallback)": checkpointed_chunks,
+                "no checkpoint (logits kept)": without_checkpoint}
     grads = {}
     for name, function in variants.items():
         hidden.grad = None
         (function(hidden, head, targets) * upstream).sum().backward()
         grads[name] = hidden.grad.clone()
     for name, grad in grads.items():
-        error = (grad - grads["library (checkpointed chunks)"]).abs().max().item()
+        error = (grad - grads["library (fused gradient)"]).abs().max().item()
         if error > 1e-4:
             raise RuntimeError(f"{name}: gradient differs from the library's by {error}")
 
@@ -102,12 +80,12 @@ def head_timings(base, chosen: common.Setting, members: int) -> None:
 
     times = common.run_interleaved({name: case(f) for name, f in variants.items()}, 1, 2 * chosen.rounds + 1,
                                    chosen.steps, progress=False).wall
-    library = times["library (checkpointed chunks)"]
+    library = times["library (fused gradient)"]
     print(f"### Output head alone: forward + backward on N = K*B*T/2 = {rows} rows, V = {head.out_features}, "
           f"H = {head.in_features}; gradients checked equal\n")
-    kept = {"library (checkpointed chunks)": "chunk's hidden [1024, H]",
-            "no checkpoint (logits kept)": f"logits [N, V] float32: {rows * head.out_features * 4 / 2**20:.0f} MB",
-            "fused-gradient sketch": f"d log p / d h [N, H]: {rows * head.in_features * 4 / 2**20:.1f} MB"}
+    kept = {"library (fused gradient)": f"d log p / d h [N, H]: {rows * head.in_features * 4 / 2**20:.1f} MB",
+            "checkpointed chunks (fallback)": "chunk's hidden [1024, H]",
+            "no checkpoint (logits kept)": f"logits [N, V] float32: {rows * head.out_features * 4 / 2**20:.0f} MB"}
     rows_out = [[name, common.ms(values), common.paired_ratio(values, library), kept[name]]
                 for name, values in times.items()]
     print(common.markdown_table(["variant", "fwd + bwd (ms)", "/ library", "kept for backward"], rows_out))

@@ -125,7 +125,7 @@ def run_demo(args: DemoArguments) -> dict:
         ensembles[name] = ensemble
     _show(summary, out)
     demo_name = next((n for n, a, k in runs if k > 1 and a == 1.0), runs[-2][0])
-    summary["generations"] = _generations(ensembles[demo_name], tokenizer, demo_name)
+    summary["generations"] = _generations(ensembles[demo_name], tokenizer, demo_name, paths["sft_test"])
     summary["wall_seconds"] = time.perf_counter() - started
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(summary, out)
@@ -163,8 +163,11 @@ def _accuracy_cell(run: dict, group: str) -> str:
     return f"{block['mixture']['accuracy']:.2f} / {max(m['accuracy'] for m in block['members']):.2f}"
 
 
-def _generations(ensemble: LoraEnsemble, tokenizer, name: str) -> list[dict]:
-    prompts = ["Rewrite in house style: color, center, honor\n", "Capitals of: France, Japan, Peru\n"]
+def _generations(ensemble: LoraEnsemble, tokenizer, name: str, test_file: Path) -> list[dict]:
+    """Greedy generations of every member and of the mixture (with per-token MI) on the first held-out prompt of
+    each part: conflicting, one decision, consistent."""
+    held_out = [json.loads(line) for line in test_file.read_text().splitlines()]
+    prompts = [next(r["prompt"] for r in held_out if r["group"] in groups) for groups in PARTS.values()]
     print(f"\nwhat each member of {name} writes (greedy), and the mixture with its per-token MI:")
     records = []
     for prompt in prompts:

@@ -1,10 +1,11 @@
 """Per-member log-likelihoods of completion tokens, without a float32 log-softmax over ``[K, B, T, V]``.
 
 The output head runs only on the positions that predict a target token, in chunks; each chunk takes the
-target logit minus a float32 logsumexp and, when gradients are on, is checkpointed so that only its
-hidden states are kept for the backward pass. Labels follow the transformers convention: ``labels[b, t]``
-is the token at position t when it is a target, ``-100`` otherwise (prompt, padding); position t is
-predicted from positions ``< t``.
+target logit minus a float32 logsumexp. When gradients are on, a frozen bias-free head (the LoRA case) computes
+``d log p / d hidden`` in the same pass over the vocabulary (``FusedTargetLogprob``: no logits kept, no second
+pass); any other head is checkpointed per chunk so that only its hidden states are kept. Labels follow the
+transformers convention: ``labels[b, t]`` is the token at position t when it is a target, ``-100`` otherwise
+(prompt, padding); position t is predicted from positions ``< t``.
 """
 
 from __future__ import annotations
@@ -30,13 +31,42 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
 
 
+class FusedTargetLogprob(torch.autograd.Function):
+    """``log p(target) [N]`` of one chunk under a frozen, bias-free head, with its gradient made in the forward.
+
+    d log p_n / d h_n = W[t_n] - softmax(h_n W^T) W: an ``[N, H]`` tensor computed while the ``[N, V]`` logits
+    exist anyway, so backward only scales it by the incoming ``[N]`` gradient. Against a checkpointed chunk this
+    saves the recomputed forward and the backward matmul over V (one ``[N, V] x [V, H]`` product instead of
+    three ``N x V x H`` passes).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = nn.functional.linear(hidden, weight).float()  # [N, V]
+        logsumexp = torch.logsumexp(logits, dim=1)  # [N]
+        logp = logits.gather(1, targets[:, None]).squeeze(1) - logsumexp
+        probs = logits.sub_(logsumexp[:, None]).exp_()  # in place: the logits are not needed any more
+        d_hidden = weight[targets].float() - probs @ weight.float()  # [N, H]
+        ctx.save_for_backward(d_hidden.to(hidden.dtype))
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (d_hidden,) = ctx.saved_tensors
+        return grad[:, None].to(d_hidden.dtype) * d_hidden, None, None
+
+
 def target_logprobs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
                     chunk_size: int = 1024) -> torch.Tensor:
     """Log-probabilities of ``targets [N]`` under ``head(hidden [N, H])``, chunked over N -> ``[N]``."""
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    fused = grad and head.bias is None and not head.weight.requires_grad
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         args = (hidden[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size])
-        if torch.is_grad_enabled() and hidden.requires_grad:
+        if fused:
+            pieces.append(FusedTargetLogprob.apply(args[0], head.weight, args[3]))
+        elif grad:
             pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(*args))

@@ -68,10 +68,10 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP's find_unused_parameters "
                                                     "(not needed: every LoRA parameter is used in every step)."})
     member_chunk_size: int | None = field(default=None, metadata={"help": "Train the members in chunks of this "
-                                          "many (default: all at once). A no-grad pass computes every member's "
-                                          "log-likelihood and the routing, then each chunk runs with gradients on "
-                                          "-sum_k w[k,b] L[k,b] / B: the same gradients with one chunk's activation "
-                                          "memory, for one extra forward."})
+                                          "many (default: all at once). Every member's log-likelihood and the "
+                                          "routing come first, then each chunk backpropagates -sum_k w[k,b] "
+                                          "L[k,b] / B: the same gradients with one chunk's activation memory, for "
+                                          "one extra no-grad forward of K - c members."})
     nonfinite: Literal["stop", "skip"] = field(default="stop", metadata={"help": "On a non-finite loss, member "
                                                "log-likelihood or gradient: 'stop' raises, naming the step and the "
                                                "members (checkpoints already written stay intact); 'skip' drops that "
@@ -180,33 +180,43 @@ class RenyiTrainer(Trainer):
 
     def _chunked_training_step(self, model, inputs: dict, chunk: int) -> torch.Tensor:
         """Member chunks: the objective couples members only through the (stop-gradient) responsibilities, so
-        ``d loss / d theta_k = -sum_b w[k, b] grad L[k, b] / B``. Pass 1 (no grad) gets every ``L [K, B]`` and
-        ``w``; pass 2 backpropagates each chunk's surrogate. Returns the alpha-Renyi loss of pass 1."""
+        ``d loss / d theta_k = -sum_b w[k, b] grad L[k, b] / B``.
+
+        Pass 1 gets every ``L [K, B]``: the members before the last chunk in one no-grad forward (no graph is kept,
+        so running them together costs one layer's activations, not a chunk's graph), the last chunk with
+        gradients. Then ``w``; the last chunk's surrogate is backpropagated at once and every other chunk runs
+        again with gradients. One extra forward of K - c members per step, never more than one chunk's graph
+        alive. Returns the alpha-Renyi loss.
+        """
         args: RenyiConfig = self.args
         ensemble = self.ensemble
         model.train()
         inputs = self._prepare_inputs(inputs)
         group = inputs.pop("group", None)
-        chunks = [(start, min(start + chunk, ensemble.num_members)) for start in range(0, ensemble.num_members, chunk)]
+        K = ensemble.num_members
+        chunks = [(start, min(start + chunk, K)) for start in range(0, K, chunk)]
+        first_of_last = chunks[-1][0]
+        with torch.no_grad(), ensemble.members(0, first_of_last):
+            early = self.member_loglik(model, inputs)  # [K - c, B]
+        with ensemble.members(first_of_last, K):
+            last = self.member_loglik(model, inputs)  # [c, B], graph kept
         with torch.no_grad():
-            parts = []
-            for start, stop in chunks:
-                with ensemble.members(start, stop):
-                    parts.append(self.member_loglik(model, inputs))
-            loglik = torch.cat(parts)  # [K, B]
+            loglik = torch.cat([early, last.detach()])  # [K, B]
             data_term, w = renyi_loss(loglik, self.alpha)
         scale = 1.0 / self.current_gradient_accumulation_steps
         prior = torch.zeros((), device=loglik.device)
-        for i, (start, stop) in enumerate(chunks):
+        order = [chunks[-1], *chunks[:-1]]  # the last chunk's graph exists already: backpropagate it first
+        for i, (start, stop) in enumerate(order):
             with ensemble.members(start, stop):
-                surrogate = -(w[start:stop] * self.member_loglik(model, inputs)).sum() / loglik.shape[1]
+                chunk_loglik = last if i == 0 else self.member_loglik(model, inputs)
+                surrogate = -(w[start:stop] * chunk_loglik).sum() / loglik.shape[1]
                 if args.prior_weight > 0:  # this chunk's share of (1/K) sum_k ||theta_k||^2 / (2 prior_std^2)
                     params = [p[start:stop] for p in ensemble.lora_parameters()]
-                    share = args.prior_weight * gaussian_prior(params, ensemble.num_members, args.prior_std)
+                    share = args.prior_weight * gaussian_prior(params, K, args.prior_std)
                     surrogate, prior = surrogate + share, prior + share.detach()
-                last = i == len(chunks) - 1
-                sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
-                with sync:  # DDP: all-reduce the gradients once, after the last chunk
+                final = i == len(order) - 1
+                sync = model.no_sync() if not final and hasattr(model, "no_sync") else nullcontext()
+                with sync:  # DDP: all-reduce the gradients once, after the last backward
                     self.accelerator.backward(surrogate * scale)
         loss = data_term + prior
         bad = torch.stack([~torch.isfinite(loglik).all(1), ~torch.isfinite(loss).expand(len(w))])

@@ -296,3 +296,24 @@ def test_member_chunk_forward_equals_a_slice_of_the_full_forward(tiny_llama, bat
     with pytest.raises(ValueError, match="member chunk"):
         with ensemble.members(3, 5):
             pass
+
+
+@pytest.mark.parametrize(("bias", "trainable"), [(False, False), (True, False), (False, True)])
+def test_target_logprobs_paths_match_log_softmax(bias, trainable):
+    """The fused path (frozen head, no bias) and the checkpointed fallback both give log_softmax's values and
+    gradients, for the hidden states and, when it trains, the head."""
+    from renyi_lora.likelihoods import target_logprobs
+
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=bias)
+    head.requires_grad_(trainable)
+    hidden = torch.randn(9, 6, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 11, (9,), generator=generator)
+    upstream = torch.randn(9, generator=generator)
+    got = target_logprobs(hidden, head, targets, chunk_size=4)
+    expected = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    inputs = [hidden, head.weight] if trainable else [hidden]
+    for g, e in zip(torch.autograd.grad((got * upstream).sum(), inputs),
+                    torch.autograd.grad((expected * upstream).sum(), inputs), strict=True):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)

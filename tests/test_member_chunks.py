@@ -60,17 +60,17 @@ def test_chunks_need_sequence_routing():
         RenyiConfig(output_dir="x", member_chunk_size=0)
 
 
-def trained_adapters(tmp_path, checkpointing: bool, chunk: int | None) -> list[torch.Tensor]:
+def trained_adapters(tmp_path, checkpointing: bool, chunk: int | None, **settings) -> list[torch.Tensor]:
     """Two optimizer steps through ``trainer.train()``, the path the CLI's flags take."""
     tokenizer = make_tokenizer()
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in SFT))
     dataset = load_sft_dataset(path, tokenizer, 32)
     ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=1), EnsembleConfig(num_members=4, seed=2))
-    config = RenyiConfig(output_dir=str(tmp_path / f"out-{checkpointing}-{chunk}"), num_members=4, alpha=1.0,
-                         member_chunk_size=chunk, gradient_checkpointing=checkpointing, max_steps=2,
+    config = RenyiConfig(output_dir=str(tmp_path / f"out-{checkpointing}-{chunk}-{len(settings)}"), num_members=4,
+                         alpha=1.0, member_chunk_size=chunk, gradient_checkpointing=checkpointing, max_steps=2,
                          per_device_train_batch_size=3, learning_rate=1e-2, use_cpu=True, report_to="none",
-                         save_strategy="no", disable_tqdm=True, seed=0)
+                         save_strategy="no", disable_tqdm=True, seed=0, **settings)
     RenyiTrainer(model=ensemble, args=config, train_dataset=dataset,
                  data_collator=SFTCollator(tokenizer.pad_token_id)).train()
     return [p.detach().clone() for p in ensemble.lora_parameters()]
@@ -83,3 +83,12 @@ def test_trainer_gradient_checkpointing_flag_trains_the_same_adapters(tmp_path, 
     assert any(p.abs().sum() > 0 for p in plain[1::2])  # lora_B moved away from its zero start
     for expected, got in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_torch_compile_flag_trains_the_same_adapters(tmp_path):
+    """``--torch_compile`` through the Trainer (accelerate's dynamo plugin); ``aot_eager`` traces and runs the
+    graphs without generating C++ code, so the check stays fast on a CPU."""
+    plain = trained_adapters(tmp_path, False, None)
+    compiled = trained_adapters(tmp_path, False, None, torch_compile=True, torch_compile_backend="aot_eager")
+    for expected, got in zip(plain, compiled, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
