@@ -44,7 +44,7 @@ class DemoArguments:
                                     "(deterministic annealing; without it some members can lose every example "
                                     "early and stay unused)."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate."})
-    top_layers: int = field(default=4, metadata={"help": "Adapt only the top N decoder layers; the layers below run "
+    top_layers: int = field(default=8, metadata={"help": "Adapt only the top N decoder layers; the layers below run "
                             "once on B rows (a shared trunk), which keeps the demo fast on a CPU."})
     seed: int = field(default=0, metadata={"help": "Seed for the data, the adapters and the data order."})
     quick: bool = field(default=False, metadata={"help": "A smaller run: half the steps and alphas 0 and 4 only."})
