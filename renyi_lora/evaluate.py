@@ -110,17 +110,56 @@ def choice_log_probs(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase,
     """
     rows = encode_choices(tokenizer, items)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    flat = _shared_prompt_scores(ensemble, items, rows, pad, batch_size)  # [K, sum of choices]
+    if flat is None:
+        flat = _row_scores(ensemble, rows, pad, batch_size)
+    if length_normalize:
+        flat = flat / torch.tensor([len(c) for _, c in rows], dtype=torch.float64)
+    return _per_item_log_softmax(flat, items)
+
+
+def _row_scores(ensemble: LoraEnsemble, rows: list[tuple[list[int], list[int]]], pad: int,
+                batch_size: int) -> torch.Tensor:
+    """``[K, rows]`` log-likelihoods of each choice, one full (prompt + choice) row each."""
     device = next(ensemble.parameters()).device
     scores = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         input_ids, attention_mask, labels = pad_right([p for p, _ in batch], [c for _, c in batch], pad, device)
         token = ensemble(input_ids, attention_mask, labels=labels)  # [K, b, T]
-        score = token.double().sum(-1)  # [K, b]
-        if length_normalize:
-            score = score / torch.tensor([len(c) for _, c in batch], dtype=torch.float64, device=device)
-        scores.append(score.cpu())
-    flat = torch.cat(scores, dim=1)  # [K, sum of choices]
+        scores.append(token.double().sum(-1).cpu())  # [K, b]
+    return torch.cat(scores, dim=1)
+
+
+def _shared_prompt_scores(ensemble: LoraEnsemble, items: Sequence[MultipleChoiceItem],
+                          rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int) -> torch.Tensor | None:
+    """``[K, sum of choices]`` choice log-likelihoods with each item's prompt run once (``scoring``); None when the
+    prompts are empty or the model's cache cannot be shared (then every (prompt, choice) row runs in full)."""
+    from renyi_lora.scoring import shared_prompt_logliks
+
+    if any(not prompt for prompt, _ in rows):
+        return None
+    starts = [0]
+    for item in items:
+        starts.append(starts[-1] + len(item.choices))
+    scores, first = [], 0
+    while first < len(items):  # batches of whole items, about batch_size choice rows each
+        last, width = first, 0
+        while last < len(items) and (last == first or width + len(items[last].choices) <= batch_size):
+            width += len(items[last].choices)
+            last += 1
+        prompts = [rows[starts[n]][0] for n in range(first, last)]
+        choices = [[c for _, c in rows[starts[n]:starts[n + 1]]] for n in range(first, last)]
+        batch = shared_prompt_logliks(ensemble, prompts, choices, pad)
+        if batch is None:
+            return None
+        scores += [score.cpu() for score in batch]
+        first = last
+    return torch.cat(scores, dim=1)
+
+
+def _per_item_log_softmax(flat: torch.Tensor, items: Sequence[MultipleChoiceItem]) -> torch.Tensor:
+    """``flat [K, sum of choices]`` scores -> ``[K, N, C]`` log-softmax over each item's choices (-inf padded)."""
     K, C = flat.shape[0], max(len(item.choices) for item in items)
     padded = torch.full((K, len(items), C), -torch.inf, dtype=torch.float64)  # [K, N, C]
     start = 0

@@ -95,14 +95,14 @@ class IncrementalForward:
         self.cache_name = "cache" if "cache" in parameters else "past_key_values"
         self.keep_last = "logits_to_keep" in parameters
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """``input_ids [R, t]`` (the new tokens), ``attention_mask [R, S]`` (everything so far, left-padded)
-        -> logits at the last position ``[K, B, V]``."""
+        -> logits at the last position ``[K, B, V]`` (every new position ``[K, B, t, V]`` if not ``last_only``)."""
         K, t = active_members(self.ensemble), input_ids.shape[1]
         # Positions count real tokens only, so a left-padded row matches the same prompt unpadded.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
         kwargs = {self.cache_name: self.cache, "use_cache": True}
-        if self.keep_last:
+        if self.keep_last and last_only:
             kwargs["logits_to_keep"] = 1
         if self.per_member_rows:
             out = self.ensemble.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -115,6 +115,8 @@ class IncrementalForward:
                 out = self.ensemble.model(input_ids=input_ids, attention_mask=attention_mask,
                                           position_ids=position_ids, **kwargs)
         self.cache = getattr(out, self.cache_name)
+        if not last_only:
+            return out.logits.view(K, -1, *out.logits.shape[1:])  # [K, B, t, V]
         logits = out.logits[:, -1]  # [K*B, V]
         return logits.view(K, -1, logits.shape[-1])  # [K, B, V]
 

@@ -1,0 +1,84 @@
+"""Scoring several completions of one prompt: the prompt runs once, its completions continue from its KV cache.
+
+Multiple-choice evaluation scores every choice after the same prompt; run naively, the prompt is recomputed once
+per choice (and per member). Here the prompts of a batch run once (left-padded, the cache kept), the cache rows
+are repeated for each prompt's completions, and all completions run in one more forward. The completions'
+log-likelihoods are those of ``ensemble(prompt + completion)`` (tested); the prompt's cost is paid once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from renyi_lora.generate import IncrementalForward
+from renyi_lora.token_uncertainty import active_members
+
+if TYPE_CHECKING:
+    from renyi_lora.ensemble import LoraEnsemble
+
+
+def _left_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, length - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _right_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _repeat_cache_rows(cache, owner: torch.Tensor, members: int, prompts: int) -> bool:
+    """Give every completion row its prompt's cache rows; False if this cache type cannot be re-indexed.
+
+    A layer's cache holds ``prompts`` rows (a shared-trunk layer: one per prompt) or ``members * prompts``
+    (member-major); ``owner [R]`` is each completion's prompt index.
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(layer, "reorder_cache") and hasattr(layer, "keys") for layer in layers):
+        return False
+    member_major = (torch.arange(members, device=owner.device)[:, None] * prompts + owner[None]).reshape(-1)
+    for layer in layers:
+        rows = layer.keys.shape[0]
+        if rows not in (prompts, members * prompts):
+            return False
+        layer.reorder_cache(owner if rows == prompts else member_major)
+    return True
+
+
+@torch.no_grad()
+def shared_prompt_logliks(ensemble: LoraEnsemble, prompts: list[list[int]], completions: list[list[list[int]]],
+                          pad_token_id: int) -> list[torch.Tensor] | None:
+    """Every member's log-likelihood of each completion of each prompt: a ``[K, C_n]`` float64 tensor per prompt.
+
+    Args:
+        prompts: ``N`` token lists, each non-empty.
+        completions: ``N`` lists of ``C_n`` non-empty token lists (the targets, scored after their prompt).
+
+    Returns None when the model's KV cache cannot be re-indexed by rows (then score prompt + completion rows).
+    """
+    K = active_members(ensemble)
+    device = next(ensemble.parameters()).device
+    forward = IncrementalForward(ensemble)
+    prompt_ids, prompt_mask = _left_pad(prompts, pad_token_id, device)
+    first = forward(prompt_ids, prompt_mask).float().log_softmax(-1)  # [K, N, V]: each completion's first token
+    owner = torch.tensor([n for n, rows in enumerate(completions) for _ in rows], device=device)  # [R]
+    if not _repeat_cache_rows(forward.cache, owner, K, len(prompts)):
+        return None
+    ids, mask = _right_pad([row for rows in completions for row in rows], pad_token_id, device)  # [R, L]
+    logits = forward(ids, torch.cat([prompt_mask[owner], mask], dim=1), last_only=False)  # [K, R, L, V]
+    head = first[:, owner].gather(-1, ids[None, :, :1].expand(K, -1, -1))[..., 0]  # [K, R]
+    rest = logits[:, :, :-1].float().log_softmax(-1).gather(-1, ids[None, :, 1:, None].expand(K, -1, -1, -1))
+    total = head.double() + (rest[..., 0].double() * mask[:, 1:]).sum(-1)  # [K, R]
+    return list(total.split([len(rows) for rows in completions], dim=1))
