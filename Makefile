@@ -25,6 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" || test $$? -eq 5
 
+bench: $(STAMP)
+	benchmarks/run_all.sh
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check renyi_lora tests benchmarks examples
 
