@@ -1,8 +1,16 @@
-"""--alpha_warmup_steps: alpha ramps linearly from 0 during training; evaluation and later steps use --alpha."""
+"""--alpha_warmup_steps: alpha ramps linearly from 0 during training; evaluation and later steps use --alpha.
+
+Behaviour: four groups built from two conventions (answer words A or B, lower or upper case), every prompt in all
+four, four answers per example, K = 4, alpha = 1, 300 steps. Case is decided once per example in practice (after
+the first letter the rest follows), so early on a member can win two groups at once and another none. Measured on
+this machine: without warm-up 0 of 3 seeds end with one member per group (seed 1 uses two members only); with
+alpha raised over the first 120 steps 3 of 3 do (60 steps: 2 of 3).
+"""
 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -10,7 +18,7 @@ from conftest import make_llama, make_tokenizer
 
 from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.train import RenyiConfig, RenyiTrainer
+from renyi_lora.train import RenyiConfig, RenyiTrainer, routing_summary
 
 RECORDS = [{"prompt": f"q{i}:", "completion": f" a{i % 3}b", "group": f"g{i % 2}"} for i in range(8)]
 
@@ -60,3 +68,58 @@ def test_without_warmup_alpha_is_constant(tmp_path):
 def test_bad_warmup_is_refused(settings):
     with pytest.raises(ValueError, match="alpha_warmup_steps"):
         RenyiConfig(output_dir="x", **settings)
+
+
+def factorial_records(seed: int, num_prompts: int = 16, repeats: int = 6, per_example: int = 4) -> list[dict]:
+    """Groups A, B (different random answer words) and C, D (A's and B's words upper-cased)."""
+    rng = random.Random(seed)
+    questions = [f"q{i}" for i in range(num_prompts)]
+
+    def word() -> str:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
+
+    answers = {group: {q: word() for q in questions} for group in "AB"}
+    answers["C"] = {q: w.upper() for q, w in answers["A"].items()}
+    answers["D"] = {q: w.upper() for q, w in answers["B"].items()}
+    records = []
+    for _ in range(repeats):
+        for question in questions:
+            asked = [question, *rng.sample([q for q in questions if q != question], per_example - 1)]
+            for group in "ABCD":
+                records.append({"prompt": ",".join(asked) + ":",
+                                "completion": ",".join(answers[group][q] for q in asked) + ".", "group": group})
+    return records
+
+
+def group_owners(tmp_path, seed: int, warmup: int) -> tuple[list[int], list[float]]:
+    """Train K = 4 at alpha = 1; each group's owning member and its mean responsibility."""
+    torch.set_num_threads(1)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in factorial_records(seed)))
+    tokenizer = make_tokenizer()
+    dataset = load_sft_dataset(path, tokenizer, max_length=64)
+    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=128),
+                            EnsembleConfig(num_members=4, rank=8, lora_alpha=16, seed=seed))
+    args = RenyiConfig(
+        output_dir=str(tmp_path / "out"), alpha=1.0, alpha_warmup_steps=warmup, num_members=4, max_steps=300,
+        learning_rate=3e-3, lr_scheduler_type="constant", per_device_train_batch_size=16,
+        per_device_eval_batch_size=64, seed=seed, save_strategy="no", report_to="none", disable_tqdm=True,
+        logging_steps=10_000, use_cpu=True,
+    )
+    trainer = RenyiTrainer(model=ensemble, args=args, group_names=dataset.group_names, train_dataset=dataset,
+                           data_collator=SFTCollator(tokenizer.pad_token_id))
+    trainer.train()
+    routing = torch.tensor([routing_summary(trainer, dataset, dataset.group_names)["routing"][g] for g in "ABCD"])
+    return routing.argmax(1).tolist(), routing.max(1).values.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_warmup_gives_every_group_its_own_member(tmp_path, seed):
+    owners, sharpness = group_owners(tmp_path, seed, warmup=120)
+    assert sorted(owners) == [0, 1, 2, 3], owners  # a permutation: no member owns two groups, none is unused
+    assert min(sharpness) > 0.9, sharpness
+
+
+def test_without_warmup_a_member_can_take_two_groups(tmp_path):
+    owners, _ = group_owners(tmp_path, seed=1, warmup=0)
+    assert len(set(owners)) < 4, owners  # the failure the warm-up exists for (measured: 2 distinct owners)
