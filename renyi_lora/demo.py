@@ -125,7 +125,9 @@ def run_demo(args: DemoArguments) -> dict:
         ensembles[name] = ensemble
     _show(summary, out)
     demo_name = next((n for n, a, k in runs if k > 1 and a == 1.0), runs[-2][0])
-    summary["generations"] = _generations(ensembles[demo_name], tokenizer, demo_name, paths["sft_test"])
+    owners = _owned_groups(summary["runs"][demo_name]["routing"])
+    summary["generations_run"] = demo_name
+    summary["generations"] = _generations(ensembles[demo_name], tokenizer, demo_name, paths["sft_test"], owners)
     summary["wall_seconds"] = time.perf_counter() - started
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(summary, out)
@@ -163,7 +165,13 @@ def _accuracy_cell(run: dict, group: str) -> str:
     return f"{block['mixture']['accuracy']:.2f} / {max(m['accuracy'] for m in block['members']):.2f}"
 
 
-def _generations(ensemble: LoraEnsemble, tokenizer, name: str, test_file: Path) -> list[dict]:
+def _owned_groups(routing: dict[str, list[float]]) -> list[str]:
+    """Per member, the groups whose training examples it holds more than half of (``"-"`` if none)."""
+    K = len(next(iter(routing.values())))
+    return [", ".join(g for g, row in routing.items() if row[k] > 0.5) or "-" for k in range(K)]
+
+
+def _generations(ensemble: LoraEnsemble, tokenizer, name: str, test_file: Path, owners: list[str]) -> list[dict]:
     """Greedy generations of every member and of the mixture (with per-token MI) on the first held-out prompt of
     each part: conflicting, one decision, consistent."""
     held_out = [json.loads(line) for line in test_file.read_text().splitlines()]
@@ -175,10 +183,10 @@ def _generations(ensemble: LoraEnsemble, tokenizer, name: str, test_file: Path) 
         mixture = generate(ensemble, tokenizer, [prompt], mode="mixture", max_new_tokens=12)[0].to_dict()
         print(f"  prompt: {prompt.strip()!r}")
         for k, continuation in enumerate(members["continuations"]):
-            print(f"    member {k}: {continuation['text'].strip()!r}")
+            print(f"    member {k} ({owners[k]}): {continuation['text'].strip()!r}")
         tokens = mixture["continuations"][0]["tokens"]
         print("    mixture:  " + " ".join(f"{t['text']!r}({t['mi']:.2f})" for t in tokens))
-        records.append({"prompt": prompt, "members": members, "mixture": mixture})
+        records.append({"prompt": prompt, "members": members, "mixture": mixture, "owners": owners})
     return records
 
 
@@ -209,11 +217,13 @@ def _report(summary: dict, out: Path) -> None:
               "| run | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(_accuracy_cell(run, g) for g in groups) + " |"
               for name, run in summary["runs"].items()]
-    lines += ["", "## Generations", ""]
+    lines += ["", "## Generations", "", f"Greedy, members of {summary['generations_run']}; \"owns\" lists the "
+              "groups whose training examples a member holds more than half of. The mixture's per-token MI is high "
+              "where the members disagree.", ""]
     for record in summary["generations"]:
         lines.append(f"Prompt `{record['prompt'].strip()}`:")
         for k, continuation in enumerate(record["members"]["continuations"]):
-            lines.append(f"- member {k}: `{continuation['text'].strip()}`")
+            lines.append(f"- member {k} (owns {record['owners'][k]}): `{continuation['text'].strip()}`")
         tokens = record["mixture"]["continuations"][0]["tokens"]
         lines.append("- mixture (token, MI): " + " ".join(f"`{t['text']}` ({t['mi']:.2f})" for t in tokens))
         lines.append("")

@@ -82,3 +82,4 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, model_dir, one_thread):
     for image in ("routing_alpha_0.png", "routing_alpha_1.png", "mi.png"):
         assert f"images/{image}" in report and (tmp_path / "demo" / "images" / image).stat().st_size > 0
     assert json.loads((tmp_path / "demo" / "demo_summary.json").read_text())["wall_seconds"] > 0
+    assert "## Generations" in report and "member 1 (owns " in report
