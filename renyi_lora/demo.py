@@ -74,7 +74,7 @@ def _train(args: DemoArguments, tokenizer, dataset, alpha: float, num_members: i
         rank=8, lora_alpha=16,
         layers_to_transform=list(range(max(layers - args.top_layers, 0), layers)), max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=32, learning_rate=args.learning_rate,
-        lr_scheduler_type="constant", seed=args.seed, save_strategy="no", report_to="none", logging_steps=12,
+        lr_scheduler_type="constant", seed=args.seed, save_strategy="no", report_to="none", logging_strategy="no",
         use_cpu=not torch.cuda.is_available(),
     )
     ensemble = LoraEnsemble(model, config.ensemble_config())
@@ -166,9 +166,9 @@ def _accuracy_cell(run: dict, group: str) -> str:
 
 
 def _owned_groups(routing: dict[str, list[float]]) -> list[str]:
-    """Per member, the groups whose training examples it holds more than half of (``"-"`` if none)."""
+    """Per member, the groups whose training examples it holds more than 60 % of (``"-"`` if none)."""
     K = len(next(iter(routing.values())))
-    return [", ".join(g for g, row in routing.items() if row[k] > 0.5) or "-" for k in range(K)]
+    return [", ".join(g for g, row in routing.items() if row[k] > 0.6) or "-" for k in range(K)]
 
 
 def _generations(ensemble: LoraEnsemble, tokenizer, name: str, test_file: Path, owners: list[str]) -> list[dict]:
@@ -218,7 +218,7 @@ def _report(summary: dict, out: Path) -> None:
     lines += [f"| {name} | " + " | ".join(_accuracy_cell(run, g) for g in groups) + " |"
               for name, run in summary["runs"].items()]
     lines += ["", "## Generations", "", f"Greedy, members of {summary['generations_run']}; \"owns\" lists the "
-              "groups whose training examples a member holds more than half of. The mixture's per-token MI is high "
+              "groups whose training examples a member holds more than 60 % of. The mixture's per-token MI is high "
               "where the members disagree.", ""]
     for record in summary["generations"]:
         lines.append(f"Prompt `{record['prompt'].strip()}`:")

@@ -271,6 +271,8 @@ class RenyiTrainer(Trainer):
     def _record(self, data_term, prior, w, loglik, group) -> None:
         """Keep this process's batch metrics; ``log`` averages them (one collective per log, none per step)."""
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and self.args.logging_strategy == "no":
+            return  # nothing would ever read (and clear) them
         metrics = self._metrics[mode]
         entropy = responsibility_entropy(w)  # [B]
         metrics["renyi/data"].append(data_term.detach().float())
