@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import string
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,3 +81,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def answer_records(seed: int, answers_per_example: int, num_prompts: int, repeats: int,
+                   derived: dict | None = None) -> list[dict]:
+    """Groups A and B answer the same questions with different random words; ``derived`` adds groups whose answers
+    are a function of A's and B's (name -> f(answers) -> {question: word}). Each example holds several answers of
+    one group, and every prompt (a set of questions) occurs once in each group, so the conflict is real."""
+    rng = random.Random(seed)
+    questions = [f"q{i}" for i in range(num_prompts)]
+
+    def word() -> str:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
+
+    answers = {group: {q: word() for q in questions} for group in "AB"}
+    for name, make in (derived or {}).items():
+        answers[name] = make(answers)
+    records = []
+    for _ in range(repeats):
+        for question in questions:
+            asked = [question, *rng.sample([q for q in questions if q != question], answers_per_example - 1)]
+            for group in answers:
+                records.append({"prompt": ",".join(asked) + ":",
+                                "completion": ",".join(answers[group][q] for q in asked) + ".", "group": group})
+    return records

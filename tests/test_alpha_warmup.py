@@ -10,11 +10,10 @@ alpha raised over the first 120 steps 3 of 3 do (60 steps: 2 of 3).
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import answer_records, make_llama, make_tokenizer
 
 from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
@@ -70,25 +69,11 @@ def test_bad_warmup_is_refused(settings):
         RenyiConfig(output_dir="x", **settings)
 
 
-def factorial_records(seed: int, num_prompts: int = 16, repeats: int = 6, per_example: int = 4) -> list[dict]:
+def factorial_records(seed: int) -> list[dict]:
     """Groups A, B (different random answer words) and C, D (A's and B's words upper-cased)."""
-    rng = random.Random(seed)
-    questions = [f"q{i}" for i in range(num_prompts)]
-
-    def word() -> str:
-        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
-
-    answers = {group: {q: word() for q in questions} for group in "AB"}
-    answers["C"] = {q: w.upper() for q, w in answers["A"].items()}
-    answers["D"] = {q: w.upper() for q, w in answers["B"].items()}
-    records = []
-    for _ in range(repeats):
-        for question in questions:
-            asked = [question, *rng.sample([q for q in questions if q != question], per_example - 1)]
-            for group in "ABCD":
-                records.append({"prompt": ",".join(asked) + ":",
-                                "completion": ",".join(answers[group][q] for q in asked) + ".", "group": group})
-    return records
+    upper = {"C": lambda answers: {q: w.upper() for q, w in answers["A"].items()},
+             "D": lambda answers: {q: w.upper() for q, w in answers["B"].items()}}
+    return answer_records(seed, answers_per_example=4, num_prompts=16, repeats=6, derived=upper)
 
 
 def group_owners(tmp_path, seed: int, warmup: int) -> tuple[list[int], list[float]]:

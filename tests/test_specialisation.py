@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import answer_records, make_llama, make_tokenizer
 
 from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
@@ -24,23 +23,8 @@ from renyi_lora.train import RenyiConfig, RenyiTrainer, routing_summary
 
 
 def conflicting_records(answers_per_example: int, seed: int, num_prompts: int = 20, repeats: int = 8) -> list[dict]:
-    """Two groups answer the same questions with different random words; each example holds several answers of
-    one group, and every prompt (a set of questions) occurs once in each group, so the conflict is real."""
-    rng = random.Random(seed)
-    questions = [f"q{i}" for i in range(num_prompts)]
-
-    def word() -> str:
-        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
-
-    answers = {group: {q: word() for q in questions} for group in "AB"}
-    records = []
-    for _ in range(repeats):
-        for question in questions:
-            asked = [question, *rng.sample([q for q in questions if q != question], answers_per_example - 1)]
-            for group in "AB":
-                records.append({"prompt": ",".join(asked) + ":",
-                                "completion": ",".join(answers[group][q] for q in asked) + ".", "group": group})
-    return records
+    """Two groups, A and B, answer the same questions with different random words (``conftest.answer_records``)."""
+    return answer_records(seed, answers_per_example, num_prompts, repeats)
 
 
 def train_tiny(tmp_path, records, alpha: float, seed: int, steps: int, tie_a: bool = False):
