@@ -125,9 +125,10 @@ def run_demo(args: DemoArguments) -> dict:
         ensembles[name] = ensemble
     _show(summary, out)
     demo_name = next((n for n, a, k in runs if k > 1 and a == 1.0), runs[-2][0])
-    owners = _owned_groups(summary["runs"][demo_name]["routing"])
     summary["generations_run"] = demo_name
-    summary["generations"] = _generations(ensembles[demo_name], tokenizer, demo_name, paths["sft_test"], owners)
+    summary["generations_owners"] = _owned_groups(summary["runs"][demo_name]["routing"])
+    summary["generations"] = _generations(ensembles[demo_name], tokenizer, demo_name, paths["sft_test"],
+                                          summary["generations_owners"])
     summary["wall_seconds"] = time.perf_counter() - started
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(summary, out)
@@ -186,7 +187,7 @@ def _generations(ensemble: LoraEnsemble, tokenizer, name: str, test_file: Path, 
             print(f"    member {k} ({owners[k]}): {continuation['text'].strip()!r}")
         tokens = mixture["continuations"][0]["tokens"]
         print("    mixture:  " + " ".join(f"{t['text']!r}({t['mi']:.2f})" for t in tokens))
-        records.append({"prompt": prompt, "members": members, "mixture": mixture, "owners": owners})
+        records.append({"prompt": prompt, "members": members, "mixture": mixture})
     return records
 
 
@@ -223,7 +224,7 @@ def _report(summary: dict, out: Path) -> None:
     for record in summary["generations"]:
         lines.append(f"Prompt `{record['prompt'].strip()}`:")
         for k, continuation in enumerate(record["members"]["continuations"]):
-            lines.append(f"- member {k} (owns {record['owners'][k]}): `{continuation['text'].strip()}`")
+            lines.append(f"- member {k} (owns {summary['generations_owners'][k]}): `{continuation['text'].strip()}`")
         tokens = record["mixture"]["continuations"][0]["tokens"]
         lines.append("- mixture (token, MI): " + " ".join(f"`{t['text']}` ({t['mi']:.2f})" for t in tokens))
         lines.append("")

@@ -190,8 +190,8 @@ class LoraEnsemble(nn.Module):
         """Yields whether the trunk is shared for this forward (then the model is fed B rows, not K*B)."""
         # Under gradient checkpointing the adapted layers are recomputed during backward, outside this context,
         # where the hook could not repeat their B-row inputs: every layer then runs on K*B rows.
-        checkpointing = self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())
-        share = self.shared_trunk_layers > 0 and not self.is_disabled and not checkpointing
+        share = self.shared_trunk_layers > 0 and not self.is_disabled and not (
+            self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()))
         self._trunk_rows = rows if share else None
         try:
             yield share

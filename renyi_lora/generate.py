@@ -121,6 +121,19 @@ class IncrementalForward:
         return logits.view(K, -1, logits.shape[-1])  # [K, B, V]
 
 
+def left_pad(rows: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[B, S]`` with each row padded on the left, so that the last position of
+    every row is its last real token."""
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, row in enumerate(rows):
+        input_ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, length - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 def choose_tokens(log_probs: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy (first maximum) or sampled tokens ``[R]`` from ``log_probs [R, V]``, with temperature and nucleus
@@ -200,12 +213,7 @@ def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts
         members = torch.multinomial(log_weights.T.exp().float(), 1, generator=generator).squeeze(-1)  # [B]
         follow = torch.full_like(log_weights, -torch.inf).scatter(0, members[None], 0.0)
 
-    length = max(len(ids) for ids in prompt_ids)
-    input_ids = torch.full((B, length), pad, dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, ids in enumerate(prompt_ids):  # left padding: the last position of every row is its last real token
-        input_ids[b, length - len(ids):] = torch.tensor(ids, device=device)
-        attention_mask[b, length - len(ids):] = 1
+    input_ids, attention_mask = left_pad(prompt_ids, pad, device)
     per_member = mode == "members"
     if per_member and K > 1:
         input_ids, attention_mask = input_ids.repeat(K, 1), attention_mask.repeat(K, 1)  # [K*B, S]

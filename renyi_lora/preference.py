@@ -94,8 +94,8 @@ class RenyiDPOTrainer(RenyiTrainer):
     @torch.no_grad()
     def _record_preferences(self, policy, reference, h, loglik) -> None:
         args: DPOConfig = self.args
-        if self.model.training and args.logging_strategy == "no":
-            return  # nothing would ever read (and clear) them
+        if not self._keeps_metrics:
+            return
         metrics = self._metrics["train" if self.model.training else "eval"]
         B = h.shape[1]
         rewards = args.beta * (policy - reference)  # [K, 2B]

@@ -12,31 +12,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from renyi_lora.generate import IncrementalForward
-from renyi_lora.token_uncertainty import active_members
+from renyi_lora.generate import IncrementalForward, left_pad
+from renyi_lora.token_uncertainty import active_members, pad_right
 
 if TYPE_CHECKING:
     from renyi_lora.ensemble import LoraEnsemble
-
-
-def _left_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, length - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _right_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _repeat_cache_rows(cache, owner: torch.Tensor, members: int, prompts: int) -> bool:
@@ -71,14 +51,15 @@ def shared_prompt_logliks(ensemble: LoraEnsemble, prompts: list[list[int]], comp
     K = active_members(ensemble)
     device = next(ensemble.parameters()).device
     forward = IncrementalForward(ensemble)
-    prompt_ids, prompt_mask = _left_pad(prompts, pad_token_id, device)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     first = forward(prompt_ids, prompt_mask).float().log_softmax(-1)  # [K, N, V]: each completion's first token
-    owner = torch.tensor([n for n, rows in enumerate(completions) for _ in rows], device=device)  # [R]
+    owner = torch.tensor([n for n, choices in enumerate(completions) for _ in choices], device=device)  # [R]
     if not _repeat_cache_rows(forward.cache, owner, K, len(prompts)):
         return None
-    ids, mask = _right_pad([row for rows in completions for row in rows], pad_token_id, device)  # [R, L]
+    rows = [row for choices in completions for row in choices]
+    ids, mask, _ = pad_right([[] for _ in rows], rows, pad_token_id, device)  # [R, L]
     logits = forward(ids, torch.cat([prompt_mask[owner], mask], dim=1), last_only=False)  # [K, R, L, V]
     head = first[:, owner].gather(-1, ids[None, :, :1].expand(K, -1, -1))[..., 0]  # [K, R]
     rest = logits[:, :, :-1].float().log_softmax(-1).gather(-1, ids[None, :, 1:, None].expand(K, -1, -1, -1))
     total = head.double() + (rest[..., 0].double() * mask[:, 1:]).sum(-1)  # [K, R]
-    return list(total.split([len(rows) for rows in completions], dim=1))
+    return list(total.split([len(choices) for choices in completions], dim=1))

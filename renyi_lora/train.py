@@ -268,11 +268,16 @@ class RenyiTrainer(Trainer):
         return [entry["step"] for entry in self.state.log_history if "nonfinite_skipped" in entry]
 
     @torch.no_grad()
+    @property
+    def _keeps_metrics(self) -> bool:
+        """False while training with logging off: nothing would ever read (and clear) per-batch metrics."""
+        return not (self.model.training and self.args.logging_strategy == "no")
+
     def _record(self, data_term, prior, w, loglik, group) -> None:
         """Keep this process's batch metrics; ``log`` averages them (one collective per log, none per step)."""
+        if not self._keeps_metrics:
+            return
         mode = "train" if self.model.training else "eval"
-        if mode == "train" and self.args.logging_strategy == "no":
-            return  # nothing would ever read (and clear) them
         metrics = self._metrics[mode]
         entropy = responsibility_entropy(w)  # [B]
         metrics["renyi/data"].append(data_term.detach().float())
