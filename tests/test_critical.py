@@ -3,14 +3,13 @@ data, and the ``renyi-lora critical-alpha`` command on a model folder."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import load_example, make_llama, make_tokenizer
 from torch.func import grad
 
 from renyi_lora.cli import main
@@ -27,11 +26,7 @@ from renyi_lora.data import load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.stability import NotAMinimumError
 
-_spec = importlib.util.spec_from_file_location(
-    "critical_alpha_lm", Path(__file__).parents[1] / "examples" / "critical_alpha_lm.py"
-)
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
+example = load_example("critical_alpha_lm")
 
 PRIOR_WEIGHT = 1e-4  # the training default, used to fit the adapter and passed to the estimator
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from functools import partial
-from pathlib import Path
 
 import pytest
 import scipy.linalg
 import torch
+from conftest import load_example
 from torch.func import functional_call
 
 from renyi_lora.stability import (
@@ -19,11 +18,7 @@ from renyi_lora.stability import (
     hessian_vector_product,
 )
 
-_spec = importlib.util.spec_from_file_location(
-    "toy_critical_alpha", Path(__file__).parents[1] / "examples" / "toy_critical_alpha.py"
-)
-toy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(toy)
+toy = load_example("toy_critical_alpha")
 
 DTYPE = torch.float64
 NUM_FEATURES, NUM_EXAMPLES = 8, 90
