@@ -54,11 +54,12 @@ def dpo(argv: list[str]) -> None:
 
 @command("eval", "Multiple-choice evaluation: calibration, uncertainty and routing of the mixture, members, groups.")
 def evaluate(argv: list[str]) -> None:
-    from renyi_lora.evaluate import EvalArguments, results_table, run_eval
+    from renyi_lora.commands.eval import EvalArguments, print_results, run_eval
 
     (args,) = _parse("eval", (EvalArguments,), argv)
-    results = run_eval(args)
-    print(results_table(results))
+    print_results(run_eval(args))
+    if args.output:
+        print(f"\nwrote {args.output} and, next to it, the plots and the report")
     if args.output:
         print(f"\nwrote {args.output} and, next to it, the plots and the report")
 

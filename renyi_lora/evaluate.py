@@ -18,18 +18,19 @@ import contextlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from renyi_lora.data import DataError, MultipleChoiceItem
-from renyi_lora.models import DEFAULT_MODEL
 from renyi_lora.objective import responsibilities
+from renyi_lora.ood import INPUT_SCORES, detection_aurocs, prompt_scores
 from renyi_lora.token_uncertainty import active_members, encode_pair, normalised_log_weights, pad_right
 from renyi_lora.uncertainty import (
     accuracy,
+    accuracy_at_coverage,
     area_under_risk_coverage,
     auroc,
     brier_score,
@@ -46,43 +47,6 @@ if TYPE_CHECKING:
     from renyi_lora.ensemble import LoraEnsemble
 
 NO_GROUP = "(none)"
-
-
-@dataclass
-class EvalArguments:
-    """Flags of ``renyi-lora eval``."""
-
-    data: str = field(default=None, metadata={"help": "Multiple-choice file (.jsonl, .json or .parquet) of "
-                      "{prompt, choices, answer[, group]} records."})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base causal LM: 'smollm2-135m' (embedded), a local "
-                       "Hugging Face folder or a hub id."})
-    adapters: str | None = field(default=None, metadata={"help": "Saved ensemble folder (required unless "
-                                 "--base_only)."})
-    output: str | None = field(default=None, metadata={"help": "Write the results JSON here; the plots and "
-                               "<stem>_report.md are written next to it."})
-    length_normalize: bool = field(default=False, metadata={"help": "Score a choice by its mean token "
-                                   "log-likelihood instead of the sum."})
-    base_only: bool = field(default=False, metadata={"help": "Evaluate the base model alone (adapters disabled, "
-                            "K = 1) through the same code."})
-    members: list[int] | None = field(default=None, metadata={"help": "Evaluate only these members of the saved "
-                                      "ensemble (e.g. --members 0 2)."})
-    weights: list[float] | None = field(default=None, metadata={"help": "Mixture weights, one per evaluated member "
-                                        "(normalised); uniform if omitted."})
-    batch_size: int = field(default=16, metadata={"help": "(item, choice) rows per forward pass."})
-    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder/hub."})
-
-    def __post_init__(self) -> None:
-        if not self.data:
-            raise ValueError("--data is required: a multiple-choice .jsonl, .json or .parquet file")
-        if not Path(self.data).is_file():
-            raise FileNotFoundError(f"--data {self.data}: file not found")
-        if not self.adapters and not self.base_only:
-            raise ValueError("--adapters DIR is required (a saved ensemble), unless --base_only")
-        if self.members is not None and not self.adapters:
-            raise ValueError("--members needs --adapters DIR (the saved ensemble to take members from)")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1; got {self.batch_size}")
 
 
 def encode_choices(tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleChoiceItem]
@@ -102,7 +66,7 @@ def encode_choices(tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleC
 
 @torch.no_grad()
 def choice_log_probs(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleChoiceItem],
-                     length_normalize: bool = False, batch_size: int = 16) -> torch.Tensor:
+                     length_normalize: bool = False, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """Each member's distribution over each item's choices, ``[K, N, C]`` float64 (-inf past an item's choices).
 
     A choice's score is the member's log-likelihood of its tokens after the prompt (mean if
@@ -110,16 +74,18 @@ def choice_log_probs(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase,
     """
     rows = encode_choices(tokenizer, items)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    flat = _shared_prompt_scores(ensemble, items, rows, pad, batch_size)  # [K, sum of choices]
-    if flat is None:
-        flat = _row_scores(ensemble, rows, pad, batch_size)
+    with tqdm(total=len(rows), desc="scoring choices", disable=not progress) as bar:
+        flat = _shared_prompt_scores(ensemble, items, rows, pad, batch_size, bar)  # [K, sum of choices]
+        if flat is None:
+            bar.reset()
+            flat = _row_scores(ensemble, rows, pad, batch_size, bar)
     if length_normalize:
         flat = flat / torch.tensor([len(c) for _, c in rows], dtype=torch.float64)
     return _per_item_log_softmax(flat, items)
 
 
 def _row_scores(ensemble: LoraEnsemble, rows: list[tuple[list[int], list[int]]], pad: int,
-                batch_size: int) -> torch.Tensor:
+                batch_size: int, bar: tqdm) -> torch.Tensor:
     """``[K, rows]`` log-likelihoods of each choice, one full (prompt + choice) row each."""
     device = next(ensemble.parameters()).device
     scores = []
@@ -128,11 +94,13 @@ def _row_scores(ensemble: LoraEnsemble, rows: list[tuple[list[int], list[int]]],
         input_ids, attention_mask, labels = pad_right([p for p, _ in batch], [c for _, c in batch], pad, device)
         token = ensemble(input_ids, attention_mask, labels=labels)  # [K, b, T]
         scores.append(token.double().sum(-1).cpu())  # [K, b]
+        bar.update(len(batch))
     return torch.cat(scores, dim=1)
 
 
 def _shared_prompt_scores(ensemble: LoraEnsemble, items: Sequence[MultipleChoiceItem],
-                          rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int) -> torch.Tensor | None:
+                          rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int,
+                          bar: tqdm) -> torch.Tensor | None:
     """``[K, sum of choices]`` choice log-likelihoods with each item's prompt run once (``scoring``); None when the
     prompts are empty or the model's cache cannot be shared (then every (prompt, choice) row runs in full)."""
     from renyi_lora.scoring import shared_prompt_logliks
@@ -154,6 +122,7 @@ def _shared_prompt_scores(ensemble: LoraEnsemble, items: Sequence[MultipleChoice
         if batch is None:
             return None
         scores += [score.cpu() for score in batch]
+        bar.update(width)
         first = last
     return torch.cat(scores, dim=1)
 
@@ -193,7 +162,7 @@ def multiple_choice_metrics(member_log_probs: torch.Tensor, answers: torch.Tenso
 
     Returns:
         ``{"num_items", "mixture": {accuracy, ece, nll, brier, total, aleatoric, epistemic, auroc_mi_errors,
-        auroc_total_errors, aurc, aurc_mi}, "members": [{accuracy, ece, nll, brier, entropy}] * K,
+        auroc_total_errors, aurc, aurc_mi, accuracy_at_80}, "members": [{accuracy, ece, nll, brier, entropy}] * K,
         "routing": [K]}`` with routing the mean alpha = 1 responsibility for the correct answer.
     """
     mixture = mixture_log_probs(member_log_probs, log_weights)  # [N, C]
@@ -206,6 +175,7 @@ def multiple_choice_metrics(member_log_probs: torch.Tensor, answers: torch.Tenso
         "auroc_total_errors": _finite(auroc(uncertainty.total, ~correct)),
         "aurc": area_under_risk_coverage(uncertainty.total, correct),
         "aurc_mi": area_under_risk_coverage(uncertainty.epistemic, correct),
+        "accuracy_at_80": accuracy_at_coverage(uncertainty.total, correct, 0.8),
     }
     members = [{**_prediction_scores(lp, answers, num_bins), "entropy": entropy(lp).mean().item()}
                for lp in member_log_probs]
@@ -218,19 +188,25 @@ def multiple_choice_metrics(member_log_probs: torch.Tensor, answers: torch.Tenso
 def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase,
                              items: Sequence[MultipleChoiceItem], length_normalize: bool = False,
                              batch_size: int = 16, weights: Sequence[float] | None = None, base_only: bool = False,
-                             member_ids: Sequence[int] | None = None, num_bins: int = 15) -> dict:
+                             member_ids: Sequence[int] | None = None, num_bins: int = 15,
+                             input_scores: bool = False, progress: bool = False) -> dict:
     """Evaluate the ensemble (or the base model alone, ``base_only``) on multiple-choice ``items``.
 
     Returns a JSON-serialisable dict: the settings, ``mixture`` / ``members`` / ``routing`` over all items
     (see ``multiple_choice_metrics``), ``groups`` (the same per group), ``mean_mi_by_group``, ``routing_matrix``
-    ``{"groups", "members", "matrix" [G][K]}`` and one record per item in ``items``.
+    ``{"groups", "members", "matrix" [G][K]}`` and one record per item in ``items`` (its prompt, every member's
+    probabilities, the mixture's, its uncertainty and, with ``input_scores``, the members' disagreement on the
+    prompt's own tokens, ``renyi_lora.ood.prompt_scores``), enough to recompute any score without the model.
     """
     if not items:
         raise ValueError("no items to evaluate")
     disabled = ensemble.adapters_disabled() if base_only else contextlib.nullcontext()
     with disabled:
         K = active_members(ensemble)
-        member_log_probs = choice_log_probs(ensemble, tokenizer, items, length_normalize, batch_size)  # [K, N, C]
+        member_log_probs = choice_log_probs(ensemble, tokenizer, items, length_normalize, batch_size,
+                                            progress)  # [K, N, C]
+        extra = prompt_scores(ensemble, tokenizer, [item.prompt for item in items], weights, max(1, batch_size // 4),
+                              progress) if input_scores else {}
     member_ids = list(member_ids) if member_ids is not None and not base_only else list(range(K))
     if len(member_ids) != K:
         raise ValueError(f"member_ids {member_ids} must name the {K} evaluated members")
@@ -254,14 +230,34 @@ def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokeni
     correct_loglik = member_log_probs.gather(-1, answers.expand(K, -1)[..., None])[..., 0]  # [K, N]
     routing = responsibilities(correct_loglik, 1.0, log_weights)  # [K, N]
     results["items"] = [{
-        "line": item.line, "group": group_of[n], "answer": item.answer,
-        "prediction": int(mixture[n].argmax()), "correct": bool(mixture[n].argmax() == item.answer),
+        "line": item.line, "group": group_of[n], "prompt": item.prompt, "choices": item.choices,
+        "answer": item.answer, "prediction": int(mixture[n].argmax()),
+        "correct": bool(mixture[n].argmax() == item.answer),
         "probs": mixture[n, : len(item.choices)].exp().tolist(),
+        "member_probs": member_log_probs[:, n, : len(item.choices)].exp().tolist(),
         "member_predictions": member_log_probs[:, n].argmax(-1).tolist(),
         "total": uncertainty.total[n].item(), "aleatoric": uncertainty.aleatoric[n].item(),
         "epistemic": uncertainty.epistemic[n].item(), "responsibility": routing[:, n].tolist(),
+        **{name: values[n].item() for name, values in extra.items()},
     } for n, item in enumerate(items)]
+    for name, values in extra.items():
+        results["mixture"][name] = values.mean().item()
     return results
+
+
+# Per-item uncertainty scores whose AUROC for out-of-distribution items ``ood_detection`` reports.
+OOD_SCORES = ("total", "epistemic", *INPUT_SCORES)
+
+
+def ood_detection(in_distribution: dict, out_of_distribution: dict) -> dict[str, float | None]:
+    """AUROC of each per-item uncertainty score (``OOD_SCORES`` present in both results) for telling the items of
+    ``out_of_distribution`` from those of ``in_distribution`` (both ``evaluate_multiple_choice`` results)."""
+    def scores(results: dict) -> dict[str, list[float]]:
+        return {name: [item[name] for item in results["items"]] for name in OOD_SCORES
+                if all(name in item for item in results["items"])}
+
+    return {f"auroc_{name}": _finite(value)
+            for name, value in detection_aurocs(scores(in_distribution), scores(out_of_distribution)).items()}
 
 
 def format_number(value) -> str:
@@ -331,30 +327,3 @@ def write_report(results: dict, output: str | Path) -> list[Path]:
     report.write_text(f"# Multiple-choice evaluation ({title})\n\nResults: `{output.name}`\n\n```\n"
                       f"{results_table(results)}\n```\n\n{figures}\n")
     return [output, reliability, routing, histogram, report]
-
-
-def run_eval(args: EvalArguments) -> dict:
-    """What ``renyi-lora eval`` does: validate the data, load the model and ensemble, evaluate, write files."""
-    from renyi_lora.data import load_multiple_choice
-    from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-    from renyi_lora.models import check_model_exists, load_model_and_tokenizer
-
-    items = load_multiple_choice(args.data)  # bad data fails before the model loads
-    check_model_exists(args.model)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, torch_dtype=torch.float32)
-    model.to(resolve_device(args.device)).eval()
-    if args.adapters:
-        ensemble = LoraEnsemble.from_pretrained(model, args.adapters, members=args.members)
-    else:  # base_only without a saved ensemble: one fresh member, disabled anyway
-        ensemble = LoraEnsemble(model, EnsembleConfig(num_members=1))
-    results = evaluate_multiple_choice(ensemble, tokenizer, items, args.length_normalize, args.batch_size,
-                                       args.weights, args.base_only, args.members)
-    results.update(data=args.data, model=args.model, adapters=args.adapters)
-    if args.output:
-        write_report(results, args.output)
-    return results
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available, else cpu."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)

@@ -334,8 +334,7 @@ class GenerateArguments:
 def run_generate(args: GenerateArguments) -> list[GenerationResult]:
     """What ``renyi-lora generate`` does: load the model and ensemble, generate, optionally write JSON."""
     from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-    from renyi_lora.evaluate import resolve_device
-    from renyi_lora.models import check_model_exists, load_model_and_tokenizer
+    from renyi_lora.models import check_model_exists, load_model_and_tokenizer, resolve_device
 
     prompts = args.prompts()
     check_model_exists(args.model)

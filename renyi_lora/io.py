@@ -193,3 +193,95 @@ def export_peft(ensemble: LoraEnsemble, directory: str | os.PathLike, member: in
 def export_all_peft(ensemble: LoraEnsemble, directory: str | os.PathLike) -> list[Path]:
     """Export every member to ``directory/member_<k>``."""
     return [export_peft(ensemble, Path(directory) / f"member_{k}", k) for k in range(ensemble.num_members)]
+
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _peft_members(directory: Path) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """One member from a PEFT LoRA adapter folder: ``{module: (A [R, Din], scaling * B [Dout, R])}``."""
+    try:
+        config = json.loads((directory / PEFT_CONFIG_NAME).read_text())
+    except ValueError as error:
+        raise ValueError(f"{directory / PEFT_CONFIG_NAME}: not valid JSON ({error})") from None
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("modules_to_save"):
+        raise ValueError(f"{directory}: only plain LoRA adapters can join a mixture (peft_type LORA, no DoRA, no "
+                         f"modules_to_save); got peft_type={config.get('peft_type')!r}, use_dora="
+                         f"{config.get('use_dora')!r}, modules_to_save={config.get('modules_to_save')!r}")
+    if not (directory / PEFT_WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{directory}: {PEFT_WEIGHTS_NAME} not found (only safetensors adapters are read)")
+    tensors = load_file(str(directory / PEFT_WEIGHTS_NAME))
+    rank, lora_alpha = config["r"], config["lora_alpha"]
+    scaling = lora_alpha / (rank**0.5 if config.get("use_rslora") else rank)
+    member = {}
+    for key, tensor in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        b_key = key.replace(".lora_A.weight", ".lora_B.weight")
+        if b_key not in tensors:
+            raise ValueError(f"{directory / PEFT_WEIGHTS_NAME}: {key} has no matching lora_B")
+        member[name] = (tensor.float(), scaling * tensors[b_key].float())
+    if not member:
+        raise ValueError(f"{directory / PEFT_WEIGHTS_NAME}: no LoRA tensors (keys like '*.lora_A.weight')")
+    return [member]
+
+
+def _ensemble_members(directory: Path, model: nn.Module) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Every member of a saved ensemble folder, in the form of ``_peft_members``."""
+    config, module_names, _ = read_ensemble_config(directory)
+    tensors = _read_adapter_tensors(directory, config, module_names, dict(model.named_modules()))
+    return [{name: (tensors[f"{name}.lora_A"][k], config.scaling * tensors[f"{name}.lora_B"][k])
+             for name in module_names} for k in range(config.num_members)]
+
+
+def load_adapter_mixture(model: nn.Module, directories: list[str | os.PathLike],
+                         members: list[int] | None = None) -> LoraEnsemble:
+    """One ensemble from several adapter folders: saved ensembles (every member) and PEFT LoRA adapters (one
+    member each), in the order given; ``members`` then picks among the concatenated members.
+
+    Adapters trained elsewhere (e.g. K LoRAs trained independently with PEFT / TRL: a deep ensemble) are scored
+    by the same code as ours. Members may differ in rank, scaling and adapted modules: each member's scaling is
+    folded into its B, ranks are zero-padded to the largest, and a module a member does not adapt gets zeros
+    there, so every member computes exactly its own ``W x + scaling * B A x``.
+    """
+    if len(directories) == 1 and (Path(directories[0]) / CONFIG_NAME).is_file():
+        return load_ensemble(model, directories[0], members)  # one saved ensemble: exact, its own config
+    found: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    for directory in map(Path, directories):
+        if (directory / CONFIG_NAME).is_file():
+            found += _ensemble_members(directory, model)
+        elif (directory / PEFT_CONFIG_NAME).is_file():
+            found += _peft_members(directory)
+        else:
+            raise FileNotFoundError(f"{directory}: neither a saved ensemble ({CONFIG_NAME}) nor a PEFT adapter "
+                                    f"({PEFT_CONFIG_NAME})")
+    if members is not None:
+        if not members or any(not 0 <= m < len(found) for m in members):
+            raise ValueError(f"members {members} must be a non-empty list of indices in [0, {len(found)})")
+        found = [found[m] for m in members]
+    modules = dict(model.named_modules())
+    names = sorted({name for member in found for name in member})
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise ValueError(f"the base model has no module(s) {missing[:5]} that these adapters adapt; were they "
+                         "trained on another base model?")
+    rank = max(a.shape[0] for member in found for a, _ in member.values())
+    # lora_alpha = rank: scaling 1, each member's own scaling already sits in its B.
+    config = EnsembleConfig(num_members=len(found), rank=rank, lora_alpha=float(rank), target_modules=names)
+    ensemble = LoraEnsemble(model, config, names)
+    with torch.no_grad():
+        for name, layer in ensemble.lora_layers().items():
+            layer.lora_A.zero_()
+            layer.lora_B.zero_()
+            for k, member in enumerate(found):
+                if name in member:
+                    a, b = member[name]
+                    if a.shape[1] != layer.lora_A.shape[2] or b.shape[0] != layer.lora_B.shape[1]:
+                        raise ValueError(f"member {k}: {name} has lora_A {list(a.shape)} / lora_B {list(b.shape)}, "
+                                         f"which do not fit the base layer (Din {layer.lora_A.shape[2]}, Dout "
+                                         f"{layer.lora_B.shape[1]})")
+                    layer.lora_A[k, : a.shape[0]] = a
+                    layer.lora_B[k, :, : b.shape[1]] = b
+    return ensemble

@@ -169,3 +169,25 @@ def bar_chart(
     axes.set(ylabel=ylabel, title=title)
     axes.legend()
     return _save(figure, path)
+
+
+def risk_coverage_plot(
+    curves: dict[str, tuple[ArrayLike, ArrayLike]],
+    path: str | os.PathLike[str],
+    title: str = "Selective prediction",
+) -> Path:
+    """Risk (error rate among the kept examples) against coverage, one line per predictor; lower is better.
+
+    Args:
+        curves: name -> ``(coverage [N], risk [N])``, e.g. from ``uncertainty.risk_coverage_curve``.
+        path: where to write the PNG.
+    """
+    if not curves:
+        raise ValueError("curves is empty; pass at least one name -> (coverage, risk)")
+    figure = _new_figure()
+    axes = figure.add_subplot()
+    for name, (coverage, risk) in curves.items():
+        axes.plot(_to_numpy(coverage), _to_numpy(risk), label=name)
+    axes.set(xlabel="coverage", ylabel="risk (error rate of kept examples)", xlim=(0, 1), title=title)
+    axes.legend()
+    return _save(figure, path)

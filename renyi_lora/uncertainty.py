@@ -279,3 +279,19 @@ def area_under_risk_coverage(uncertainty: torch.Tensor, correct: torch.Tensor) -
     """
     _, risk = risk_coverage_curve(uncertainty, correct)
     return risk.mean().item()
+
+
+def accuracy_at_coverage(uncertainty: torch.Tensor, correct: torch.Tensor, coverage: float = 0.8) -> float:
+    """Accuracy on the ``ceil(coverage * N)`` most confident examples (ties counted pro rata, as in
+    ``risk_coverage_curve``): what selective prediction keeps when it may abstain on the rest.
+
+    Args:
+        uncertainty: ``[N]`` uncertainty of each prediction.
+        correct: ``[N]`` bool, whether the prediction was right.
+        coverage: fraction kept, in (0, 1].
+    """
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1]; got {coverage}")
+    _, risk = risk_coverage_curve(uncertainty, correct)
+    kept = math.ceil(coverage * risk.numel() - 1e-9)  # the float product may land a hair above an integer
+    return 1.0 - risk[kept - 1].item()

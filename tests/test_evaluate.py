@@ -78,7 +78,7 @@ def test_results_have_every_field_and_are_strict_json(tokenizer, tiny_llama):
     results = evaluate_multiple_choice(make_ensemble(tiny_llama), tokenizer, ITEMS)
     json.dumps(results, allow_nan=False)  # undefined scores are null, not NaN
     mixture_fields = {"accuracy", "ece", "nll", "brier", "total", "aleatoric", "epistemic", "auroc_mi_errors",
-                      "auroc_total_errors", "aurc", "aurc_mi"}
+                      "auroc_total_errors", "aurc", "aurc_mi", "accuracy_at_80"}
     assert set(results["mixture"]) == mixture_fields
     assert [set(m) for m in results["members"]] == [{"accuracy", "ece", "nll", "brier", "entropy"}] * 3
     assert list(results["groups"]) == ["math", "geo", "(none)"]

@@ -1,0 +1,134 @@
+"""``renyi-lora eval``: multiple-choice evaluation of an ensemble, of adapters trained elsewhere, or of the base
+model, with out-of-distribution detection when ``--ood_data`` is given."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from renyi_lora.data import load_multiple_choice
+from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+from renyi_lora.evaluate import evaluate_multiple_choice, format_table, ood_detection, results_table, write_report
+from renyi_lora.io import load_adapter_mixture
+from renyi_lora.models import DEFAULT_MODEL, check_model_exists, load_model_and_tokenizer, resolve_device
+from renyi_lora.plots import mi_histogram, risk_coverage_plot
+from renyi_lora.uncertainty import risk_coverage_curve
+
+
+@dataclass
+class EvalArguments:
+    """Flags of ``renyi-lora eval``."""
+
+    data: str = field(default=None, metadata={"help": "Multiple-choice file (.jsonl, .json or .parquet) of "
+                      "{prompt, choices, answer[, group]} records."})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base causal LM: 'smollm2-135m' (embedded), a local "
+                       "Hugging Face folder or a hub id."})
+    adapters: list[str] | None = field(default=None, metadata={"help": "One or more adapter folders scored as one "
+                                       "mixture: saved ensembles (all their members) and PEFT LoRA adapters (one "
+                                       "member each, e.g. K LoRAs trained independently: a deep ensemble). Required "
+                                       "unless --base_only."})
+    ood_data: str | None = field(default=None, metadata={"help": "A second multiple-choice file of out-of-"
+                                 "distribution items: reports the AUROC of each uncertainty score (answer entropy and "
+                                 "MI, members' disagreement on the prompt) for telling them from --data's items."})
+    output: str | None = field(default=None, metadata={"help": "Write the results JSON here; the plots and "
+                               "<stem>_report.md are written next to it."})
+    length_normalize: bool = field(default=False, metadata={"help": "Score a choice by its mean token "
+                                   "log-likelihood instead of the sum."})
+    base_only: bool = field(default=False, metadata={"help": "Evaluate the base model alone (adapters disabled, "
+                            "K = 1) through the same code."})
+    members: list[int] | None = field(default=None, metadata={"help": "Evaluate only these members (indices into the "
+                                      "members of --adapters, in order; e.g. --members 0 2)."})
+    weights: list[float] | None = field(default=None, metadata={"help": "Mixture weights, one per evaluated member "
+                                        "(normalised); uniform if omitted."})
+    input_scores: bool | None = field(default=None, metadata={"help": "Also score the members' disagreement on each "
+                                      "prompt's own tokens (one more forward per item); default: on with --ood_data."})
+    batch_size: int = field(default=16, metadata={"help": "(item, choice) rows per forward pass."})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder/hub."})
+
+    def __post_init__(self) -> None:
+        for flag, path in (("--data", self.data), ("--ood_data", self.ood_data)):
+            if flag == "--data" and not path:
+                raise ValueError("--data is required: a multiple-choice .jsonl, .json or .parquet file")
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} {path}: file not found")
+        if isinstance(self.adapters, str):
+            self.adapters = [self.adapters]
+        if not self.adapters and not self.base_only:
+            raise ValueError("--adapters DIR is required (a saved ensemble or PEFT adapters), unless --base_only")
+        if self.members is not None and not self.adapters:
+            raise ValueError("--members needs --adapters DIR (the saved ensemble to take members from)")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1; got {self.batch_size}")
+        if self.input_scores is None:
+            self.input_scores = self.ood_data is not None
+
+
+def load_for_inference(model_name: str, adapters: list[str] | None, members: list[int] | None = None,
+                       trust_remote_code: bool = False, device: str = "auto"):
+    """``(ensemble, tokenizer)``: the base model in float32 on ``device`` with the adapters of ``adapters`` (a fresh
+    disabled-anyway member when there are none, for the base model alone)."""
+    check_model_exists(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name, trust_remote_code, torch_dtype=torch.float32)
+    model.to(resolve_device(device)).eval()
+    if adapters:
+        return load_adapter_mixture(model, adapters, members), tokenizer
+    return LoraEnsemble(model, EnsembleConfig(num_members=1)), tokenizer
+
+
+def run_eval(args: EvalArguments) -> dict:
+    """What ``renyi-lora eval`` does: validate the data, load the model and adapters, evaluate, write files."""
+    items = load_multiple_choice(args.data)  # bad data fails before the model loads
+    ood_items = load_multiple_choice(args.ood_data) if args.ood_data else None
+    ensemble, tokenizer = load_for_inference(args.model, args.adapters, args.members, args.trust_remote_code,
+                                             args.device)
+
+    def evaluate(batch):
+        return evaluate_multiple_choice(ensemble, tokenizer, batch, args.length_normalize, args.batch_size,
+                                        args.weights, args.base_only, args.members, input_scores=args.input_scores,
+                                        progress=True)
+
+    results = evaluate(items)
+    results.update(data=args.data, model=args.model, adapters=args.adapters)
+    if ood_items is not None:
+        ood = evaluate(ood_items)
+        results["ood"] = {"data": args.ood_data, "num_items": ood["num_items"], "mixture": ood["mixture"],
+                          "detection": ood_detection(results, ood), "items": ood["items"]}
+    if args.output:
+        write_report(results, args.output)
+        if ood_items is not None:
+            write_ood_figures(results, args.output)
+    return results
+
+
+def ood_table(results: dict) -> str:
+    """The out-of-distribution part of the printed summary (empty without ``--ood_data``)."""
+    if "ood" not in results:
+        return ""
+    detection = results["ood"]["detection"]
+    names = list(detection)
+    return format_table(["out-of-distribution vs in", *[n.removeprefix("auroc_") for n in names]],
+                        [[f"AUROC ({results['ood']['num_items']} vs {results['num_items']} items)",
+                          *[detection[n] for n in names]]])
+
+
+def print_results(results: dict) -> None:
+    print(results_table(results))
+    if "ood" in results:
+        print("\n" + ood_table(results))
+
+
+def write_ood_figures(results: dict, output: str | Path) -> list[Path]:
+    """``<stem>_ood_mi.png`` (MI in vs out of distribution) and ``<stem>_risk_coverage.png``, next to the JSON."""
+    output = Path(output)
+    stem = output.parent / output.stem
+    inside, outside = results["items"], results["ood"]["items"]
+    histogram = mi_histogram({"in distribution": [i["epistemic"] for i in inside],
+                              "out of distribution": [i["epistemic"] for i in outside]}, f"{stem}_ood_mi.png",
+                             title="Mutual information, in vs out of distribution")
+    curve = risk_coverage_curve(torch.tensor([i["total"] for i in inside]),
+                                torch.tensor([i["correct"] for i in inside]))
+    coverage = risk_coverage_plot({"mixture, by total entropy": curve}, f"{stem}_risk_coverage.png")
+    return [histogram, coverage]
