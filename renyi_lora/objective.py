@@ -17,7 +17,8 @@ import math
 import torch
 
 # Below this |alpha * (L - mean_k L)| the log1p/expm1 form is used: logsumexp would round
-# exp(alpha * L) to 1 in float32 for tiny alpha and lose the whole O(alpha) signal.
+# exp(alpha * L) to 1 in float32 for tiny alpha and lose the whole O(alpha) signal. Above it the plain,
+# uncentred logsumexp is as precise as float32 allows (centring on the mean would cost ~alpha * spread * eps).
 _SMALL_SPREAD = 1.0
 
 
@@ -36,6 +37,14 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be >= 0 (0 = variational Bayes, 1 = mixture, inf = winner-take-all); got {alpha}")
 
 
+def _winner_weights(loglik: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+    """``lim_{alpha -> inf} softmax_k(alpha * L + log pi)`` ``[K, ...]``: tied maxima share the weight in proportion
+    to pi (equally for uniform pi); members with pi = 0 never win. Argmax would hand a tie to member 0 alone."""
+    loglik = loglik.masked_fill(log_pi == -math.inf, -math.inf)
+    top = (loglik == loglik.amax(0, keepdim=True)).to(loglik.dtype) * log_pi.exp()  # [K, ...]
+    return top / top.sum(0, keepdim=True)
+
+
 def renyi_per_example(
     loglik: torch.Tensor, alpha: float, log_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -47,26 +56,33 @@ def renyi_per_example(
         log_weights: ``[K]`` or ``[K, ...]`` log mixture weights (normalised); uniform if None.
 
     Returns:
-        ``[...]`` (usually ``[B]``) the loss ``l_alpha`` of each example.
+        ``[...]`` (usually ``[B]``) the loss ``l_alpha`` of each example. Its gradient is ``-w[k] grad L[k]``
+        with ``w`` the ``responsibilities``, also where members tie (alpha = inf) or a member has L = -inf.
     """
     _check_alpha(alpha)
     log_pi = _log_weights(loglik, log_weights)
     if alpha == 0:
         return -(log_pi.exp() * loglik).sum(0)
     if math.isinf(alpha):
-        return -loglik.max(0).values
-    # Centre on the alpha = 0 value m = sum_k pi_k L_k, so that
-    # l_alpha = -m - (1/alpha) log sum_k pi_k exp(alpha (L_k - m)), with the residual computed stably
-    # for small spreads (log1p / expm1) and large ones (logsumexp).
+        # Value -max_k L exactly; gradient -sum_k w_k grad L_k with the tie-shared (detached) w, where autograd
+        # through max would route it to one member only.
+        w = _winner_weights(loglik.detach(), log_pi)
+        best = loglik.detach().where(w > 0, -math.inf).amax(0)  # [...] the (tied) maximum
+        best = best.clamp(min=torch.finfo(loglik.dtype).min)  # finite, so that L - best is never -inf - -inf
+        return -(best + torch.where(w > 0, w * (loglik - best), 0.0).sum(0))
+    large = -torch.logsumexp(alpha * loglik + log_pi, dim=0) / alpha  # [...]
+    # Small spreads: centre on the alpha = 0 value m = sum_k pi_k L_k, so that
+    # l_alpha = -m - (1/alpha) log(1 + sum_k pi_k expm1(alpha (L_k - m))). Only finite rows can take this branch;
+    # the others are zeroed in it, and the spread clipped, so that the unused branch stays finite for autograd.
+    finite = torch.isfinite(loglik).all(0)  # [...]
     pi = log_pi.exp()
-    mean = (pi * loglik).sum(0)  # [B]
-    spread = alpha * (loglik - mean)  # [K, B]
-    small = spread.abs().amax(0) <= _SMALL_SPREAD  # [B]
-    clipped = spread.clamp(-_SMALL_SPREAD, _SMALL_SPREAD)  # keeps the unused branch finite for autograd
-    residual_small = torch.log1p((pi * torch.expm1(clipped)).sum(0))
-    residual_large = torch.logsumexp(spread + log_pi, dim=0)
-    residual = torch.where(small, residual_small, residual_large)
-    return -mean - residual / alpha
+    safe = torch.where(finite, loglik, 0.0)  # [K, ...]
+    mean = (pi * safe).sum(0)  # [...]
+    spread = alpha * (safe - mean)  # [K, ...]
+    small = finite & (spread.abs().amax(0) <= _SMALL_SPREAD)  # [...]
+    clipped = spread.clamp(-_SMALL_SPREAD, _SMALL_SPREAD)
+    residual = torch.log1p((pi * torch.expm1(clipped)).sum(0))
+    return torch.where(small, -mean - residual / alpha, large)
 
 
 def responsibilities(
@@ -76,7 +92,8 @@ def responsibilities(
 
     Args:
         loglik: ``[K, ...]`` member log-likelihoods.
-        alpha: Renyi order ``>= 0``; at 0 the weights are ``pi``, at inf one-hot on the argmax.
+        alpha: Renyi order ``>= 0``; at 0 the weights are ``pi``; at inf one-hot on the maximum, tied maxima
+            sharing the weight in proportion to pi (the limit of the softmax).
         log_weights: ``[K]`` or ``[K, ...]`` log mixture weights; uniform if None.
 
     Returns:
@@ -88,8 +105,7 @@ def responsibilities(
     if alpha == 0:
         return log_pi.exp()
     if math.isinf(alpha):
-        winner = loglik.argmax(0, keepdim=True)  # [1, ...]
-        return torch.zeros_like(loglik).scatter_(0, winner, 1.0)
+        return _winner_weights(loglik, log_pi)
     return torch.softmax(alpha * loglik + log_pi, dim=0)
 
 

@@ -97,3 +97,60 @@ def test_gaussian_prior():
     assert gaussian_prior([a, b], num_members=2, prior_std=2.0).item() == pytest.approx(144 / (2 * 4 * 2))
     with pytest.raises(ValueError, match="prior_std"):
         gaussian_prior([a], 2, 0.0)
+
+
+def test_winner_take_all_shares_ties_equally():
+    # The limit of softmax(alpha L) as alpha grows: tied maxima share the weight (issue #13: argmax gave it all to
+    # member 0, and at initialisation every member ties, so members 1.. never got a gradient).
+    loglik = torch.tensor([[0.0, -1.0, -2.0, -5.0], [0.0, -1.0, -3.0, -5.0], [-1.0, -1.0, -2.0, -5.0]])
+    expected = torch.tensor([[0.5, 1 / 3, 0.5, 1 / 3], [0.5, 1 / 3, 0.0, 1 / 3], [0.0, 1 / 3, 0.5, 1 / 3]])
+    torch.testing.assert_close(responsibilities(loglik, INF), expected)
+    torch.testing.assert_close(responsibilities(loglik, 200.0), expected)  # the finite-alpha softmax agrees
+    # Non-uniform weights: the limit gives tied maxima weight in proportion to pi.
+    weights = torch.tensor([0.2, 0.6, 0.2]).log()
+    assert responsibilities(loglik, INF, weights)[:, 0].tolist() == pytest.approx([0.25, 0.75, 0.0])
+
+
+def test_winner_take_all_gradient_is_shared_among_ties():
+    loglik = torch.zeros(3, 2, requires_grad=True)  # every member tied, as at initialisation (B = 0)
+    loss, w = renyi_loss(loglik, INF)
+    (grad,) = torch.autograd.grad(loss, loglik)
+    assert loss.item() == 0.0
+    torch.testing.assert_close(grad, torch.full((3, 2), -1 / 6))
+    torch.testing.assert_close(grad, -w / 2)
+    loglik = torch.tensor([[-1.0, -2.0], [-1.0, -0.5], [-4.0, -0.5]], requires_grad=True)
+    per_example = renyi_per_example(loglik, INF)
+    assert per_example.tolist() == [1.0, 0.5]  # the value is exactly -max_k L
+    (grad,) = torch.autograd.grad(per_example.sum(), loglik)
+    torch.testing.assert_close(grad, -torch.tensor([[0.5, 0.0], [0.5, 0.5], [0.0, 0.5]]))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 4.0])
+def test_large_spread_is_as_precise_as_a_plain_logsumexp(alpha):
+    # Issue #13: centring on the mean before the logsumexp lost ~alpha * spread * eps (0.693359 for log 2).
+    assert renyi_loss(torch.tensor([[-1e4], [0.0]]), alpha)[0].item() == pytest.approx(math.log(2) / alpha,
+                                                                                       rel=1e-6)
+    generator = torch.Generator().manual_seed(4)
+    loglik = -torch.exp(9 * torch.rand(3, 64, generator=generator))  # magnitudes 1 .. 8000
+    reference = -torch.logsumexp(alpha * loglik.double() - math.log(3), 0) / alpha
+    torch.testing.assert_close(renyi_per_example(loglik, alpha).double(), reference, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [1e-8, 0.3, 1.0, 4.0, INF])
+def test_a_member_at_minus_infinity_is_ignored_not_nan(alpha):
+    # A member with zero likelihood (L = -inf) contributes nothing; the others carry the example.
+    loglik = torch.tensor([[-INF, -1.0], [-2.0, -3.0]], requires_grad=True)
+    loss, w = renyi_loss(loglik, alpha)
+    (grad,) = torch.autograd.grad(loss, loglik)
+    expected = [(2 + math.log(2) / alpha) if alpha < INF else 2.0,
+                -math.log(0.5 * math.exp(-alpha) + 0.5 * math.exp(-3 * alpha)) / alpha if alpha < INF else 1.0]
+    assert renyi_per_example(loglik, alpha).tolist() == pytest.approx(expected, rel=1e-5)
+    assert torch.isfinite(w).all() and w[:, 0].tolist() == [0.0, 1.0]
+    assert torch.isfinite(grad).all() and grad[0, 0] == 0.0
+    torch.testing.assert_close(grad, -w / 2)
+    if alpha == 1.0:
+        assert loss.item() == pytest.approx(2.1297, abs=1e-4)
+
+
+def test_a_member_at_minus_infinity_at_alpha_zero_is_an_infinite_loss():
+    assert renyi_per_example(torch.tensor([[-INF], [-2.0]]), 0.0).item() == INF
