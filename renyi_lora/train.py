@@ -50,7 +50,8 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
                                     "first N optimizer steps (deterministic annealing): members first fit what all "
                                     "data share, then split as the routing sharpens, instead of some members "
                                     "losing every example early. 0 = off; a third of the steps worked in the demo "
-                                    "and the tests."})
+                                    "and the tests. With --alpha inf, alpha = s / (N - s) at step s: 0 at the "
+                                    "start, 1 (the mixture) halfway, winner-take-all from step N."})
     prior_std: float = field(default=1.0, metadata={"help": "Std of the Gaussian prior N(0, prior_std^2) on LoRA "
                              "parameters."})
     prior_weight: float = field(default=1e-4, metadata={"help": "Weight of the prior term (1/K) sum_k ||theta_k||^2 / "
@@ -82,9 +83,8 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
         EnsembleConfig.__post_init__(self)
         if not self.alpha >= 0:
             raise ValueError(f"--alpha must be >= 0 (or inf); got {self.alpha}")
-        if self.alpha_warmup_steps < 0 or (self.alpha_warmup_steps > 0 and math.isinf(self.alpha)):
-            raise ValueError(f"--alpha_warmup_steps must be >= 0 and needs a finite --alpha; got "
-                             f"{self.alpha_warmup_steps} with alpha {self.alpha}")
+        if self.alpha_warmup_steps < 0:
+            raise ValueError(f"--alpha_warmup_steps must be >= 0; got {self.alpha_warmup_steps}")
         if self.prior_std <= 0 or self.prior_weight < 0:
             raise ValueError(f"need --prior_std > 0 and --prior_weight >= 0; got {self.prior_std}, {self.prior_weight}")
         if self.member_chunk_size is not None:
@@ -126,10 +126,13 @@ class RenyiTrainer(Trainer):
 
     @property
     def alpha(self) -> float:
-        """The Renyi order in force: ``--alpha``, or during ``--alpha_warmup_steps`` of training its linear ramp."""
+        """The Renyi order in force: ``--alpha``, or during the first N = ``--alpha_warmup_steps`` of training its ramp
+        from 0: ``alpha * s / N`` after s completed steps, or for ``alpha = inf`` ``s / (N - s)`` (1 halfway, so that
+        ``alpha / (1 + alpha)`` rises linearly to 1, and winner-take-all from step N)."""
         args: RenyiConfig = self.args
-        if args.alpha_warmup_steps and self.model.training and self.state.global_step < args.alpha_warmup_steps:
-            return args.alpha * self.state.global_step / args.alpha_warmup_steps
+        N, s = args.alpha_warmup_steps, self.state.global_step
+        if N and self.model.training and s < N:
+            return s / (N - s) if math.isinf(args.alpha) else args.alpha * s / N
         return args.alpha
 
     def data_term(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,7 +270,6 @@ class RenyiTrainer(Trainer):
         """Steps whose update was dropped by ``nonfinite="skip"``, including those before a resume."""
         return [entry["step"] for entry in self.state.log_history if "nonfinite_skipped" in entry]
 
-    @torch.no_grad()
     @property
     def _keeps_metrics(self) -> bool:
         """False while training with logging off: nothing would ever read (and clear) per-batch metrics."""
@@ -284,6 +286,8 @@ class RenyiTrainer(Trainer):
         metrics["renyi/prior"].append(prior.detach().float())
         metrics["routing/entropy"].append(entropy.mean())
         metrics["routing/effective_members"].append(entropy.exp().mean())
+        if self.model.training and self.args.alpha_warmup_steps:  # the alpha of this step: `log` runs after the step
+            metrics["renyi/alpha"].append(torch.tensor(self.alpha, device=data_term.device))
         for k, nll in enumerate(-loglik.detach().float().mean(1)):
             metrics[f"member_{k}/nll"].append(nll)
         if group is not None and self.group_names:
@@ -309,8 +313,6 @@ class RenyiTrainer(Trainer):
                 if totals[g, -1] > 0:
                     for k, value in enumerate((totals[g, :-1] / totals[g, -1]).tolist()):
                         metrics[f"routing/{name}/member_{k}"] = value
-        if mode == "train" and self.args.alpha_warmup_steps:
-            metrics["renyi/alpha"] = self.alpha
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs = {**logs, **{k: v for k, v in metrics.items() if math.isfinite(v)}}

@@ -63,10 +63,24 @@ def test_without_warmup_alpha_is_constant(tmp_path):
     assert trainer.alpha == 2.0
 
 
-@pytest.mark.parametrize("settings", [{"alpha_warmup_steps": -1}, {"alpha": float("inf"), "alpha_warmup_steps": 3}])
-def test_bad_warmup_is_refused(settings):
+def test_warmup_to_winner_take_all_reaches_one_halfway_and_inf_at_the_end(tmp_path):
+    # alpha = s / (N - s): alpha / (1 + alpha) rises linearly, so the ramp spends its first half below the mixture.
+    trainer, batch = make_trainer(tmp_path, alpha=float("inf"), alpha_warmup_steps=8)
+    trainer.model.train()
+    seen = []
+    for step in (0, 2, 4, 6, 7, 8, 20):
+        trainer.state.global_step = step
+        seen.append(trainer.alpha)
+        _, w, _ = trainer.data_term(trainer.model, batch)
+        if step == 0:
+            torch.testing.assert_close(w, torch.full_like(w, 1 / 3))
+    assert seen == [0.0, 2 / 6, 1.0, 3.0, 7.0, float("inf"), float("inf")]
+    assert set(w.flatten().tolist()) <= {0.0, 1.0}  # one-hot from step N on
+
+
+def test_bad_warmup_is_refused():
     with pytest.raises(ValueError, match="alpha_warmup_steps"):
-        RenyiConfig(output_dir="x", **settings)
+        RenyiConfig(output_dir="x", alpha_warmup_steps=-1)
 
 
 def factorial_records(seed: int) -> list[dict]:
