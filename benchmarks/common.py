@@ -155,7 +155,7 @@ def shared_copy(base: torch.nn.Module) -> torch.nn.Module:
 def make_ensemble(base: torch.nn.Module, members: int, targets: list[str] = QV, layers: list[int] | None = None,
                   shared_trunk: bool = True) -> LoraEnsemble:
     config = EnsembleConfig(num_members=members, rank=RANK, lora_alpha=LORA_ALPHA, target_modules=targets,
-                            layers_to_transform=layers, seed=0)
+                            layers_to_transform=layers, init_seed=0)
     ensemble = LoraEnsemble(shared_copy(base), config)
     if not shared_trunk:
         ensemble.shared_trunk_layers = 0  # the pre-hooks stay but do nothing: every layer runs on K*B rows

@@ -85,7 +85,7 @@ def make_model(vocab_size: int, seed: int, hidden_size: int = 128, num_layers: i
 def adapter_config(num_members: int, rank: int, seed: int) -> EnsembleConfig:
     """LoRA of rank ``rank`` (scaling 2) on ``down_proj`` only."""
     return EnsembleConfig(num_members=num_members, rank=rank, lora_alpha=2.0 * rank, target_modules=["down_proj"],
-                          seed=seed)
+                          init_seed=seed)
 
 
 def conflict_records(num_questions: int, answers_per_example: int) -> list[dict]:

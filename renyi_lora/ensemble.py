@@ -39,7 +39,10 @@ class EnsembleConfig:
         default=None, metadata={"help": "Adapt only these layer indices (PEFT's name). Layers below the first adapted "
                                 "one then run once on B rows instead of K*B (a shared trunk)."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed for drawing each member's LoRA A matrices."})
+    init_seed: int | None = field(
+        default=None, metadata={"help": "Seed for each member's random LoRA initialisation (its A matrices). Default: "
+                                "--seed in `renyi-lora sft` / `dpo`, 0 for an EnsembleConfig built in Python."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -140,7 +143,7 @@ class LoraEnsemble(nn.Module):
         self.module_names = module_names or find_target_modules(
             model, config.target_modules, config.layers_to_transform
         )
-        generator = torch.Generator().manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(0 if config.init_seed is None else config.init_seed)
         for name in self.module_names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)

@@ -81,7 +81,10 @@ def read_ensemble_config(directory: str | os.PathLike) -> tuple[EnsembleConfig, 
     try:
         raw = json.loads(path.read_text())
         known = {f.name for f in fields(EnsembleConfig)}
-        config = EnsembleConfig(**{k: v for k, v in raw["ensemble"].items() if k in known})
+        values = {k: v for k, v in raw["ensemble"].items() if k in known}
+        if "seed" in raw["ensemble"] and "init_seed" not in values:  # saved before `seed` was renamed `init_seed`
+            values["init_seed"] = raw["ensemble"]["seed"]
+        config = EnsembleConfig(**values)
         module_names = list(raw["module_names"])
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not a valid ensemble config ({type(error).__name__}: {error}); "

@@ -99,7 +99,11 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
             self.dataloader_pin_memory = False  # pinning needs CUDA; torch warns on every loader otherwise
 
     def ensemble_config(self) -> EnsembleConfig:
-        return EnsembleConfig(**{f.name: getattr(self, f.name) for f in fields(EnsembleConfig)})
+        """The ``EnsembleConfig`` fields, with ``init_seed`` defaulting to ``--seed`` (the Trainer's seed)."""
+        values = {f.name: getattr(self, f.name) for f in fields(EnsembleConfig)}
+        if values["init_seed"] is None:
+            values["init_seed"] = self.seed
+        return EnsembleConfig(**values)
 
 
 def responsibility_entropy(w: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ def group_owners(tmp_path, seed: int, warmup: int) -> tuple[list[int], list[floa
     tokenizer = make_tokenizer()
     dataset = load_sft_dataset(path, tokenizer, max_length=64)
     ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=128),
-                            EnsembleConfig(num_members=4, rank=8, lora_alpha=16, seed=seed))
+                            EnsembleConfig(num_members=4, rank=8, lora_alpha=16, init_seed=seed))
     args = RenyiConfig(
         output_dir=str(tmp_path / "out"), alpha=1.0, alpha_warmup_steps=warmup, num_members=4, max_steps=300,
         learning_rate=3e-3, lr_scheduler_type="constant", per_device_train_batch_size=16,

@@ -51,7 +51,7 @@ def test_loglik_fn_is_the_ensembles_own_member_loglik(tmp_path):
                {"prompt": "q", "completion": "yes please"}]
     dataset = load_sft_dataset(write_jsonl(tmp_path / "data.jsonl", records), tokenizer, max_length=32)
     (batch,) = make_batches(dataset, tokenizer.pad_token_id, batch_size=8)  # padded: lengths differ
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=1), EnsembleConfig(num_members=3, rank=4, seed=1))
+    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=1), EnsembleConfig(num_members=3, rank=4, init_seed=1))
     torch.manual_seed(1)
     with torch.no_grad():
         for layer in ensemble.lora_layers().values():

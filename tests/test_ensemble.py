@@ -127,7 +127,7 @@ def test_optimiser_step_moves_only_lora(tiny_llama, batch):
 
 
 def test_members_draw_their_own_a(tiny_llama):
-    ensemble = LoraEnsemble(tiny_llama, EnsembleConfig(num_members=3, seed=5))
+    ensemble = LoraEnsemble(tiny_llama, EnsembleConfig(num_members=3, init_seed=5))
     for layer in ensemble.lora_layers().values():
         assert not torch.equal(layer.lora_A[0], layer.lora_A[1])
         assert torch.all(layer.lora_B == 0)
@@ -268,7 +268,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
     input_ids, mask, labels = batch
 
     def gradients(checkpointing: bool) -> list[torch.Tensor]:
-        ensemble = LoraEnsemble(make_llama(101, seed=3), EnsembleConfig(num_members=3, seed=1))
+        ensemble = LoraEnsemble(make_llama(101, seed=3), EnsembleConfig(num_members=3, init_seed=1))
         randomise_b(ensemble)
         if checkpointing:
             ensemble.gradient_checkpointing_enable({"use_reentrant": False})

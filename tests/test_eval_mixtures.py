@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_ensemble(model, num_members: int, seed: int, **config) -> LoraEnsemble:
-    ensemble = LoraEnsemble(model, EnsembleConfig(num_members=num_members, seed=seed, **config))
+    ensemble = LoraEnsemble(model, EnsembleConfig(num_members=num_members, init_seed=seed, **config))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in ensemble.lora_layers().values():

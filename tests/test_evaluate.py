@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_ensemble(model, num_members: int = 3, std: float = 0.3, seed: int = 0) -> LoraEnsemble:
-    ensemble = LoraEnsemble(model, EnsembleConfig(num_members=num_members, seed=seed))
+    ensemble = LoraEnsemble(model, EnsembleConfig(num_members=num_members, init_seed=seed))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in ensemble.lora_layers().values():

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_ensemble(model, num_members: int = 3, std: float = 0.3, seed: int = 0, **config) -> LoraEnsemble:
     """An ensemble whose members differ (random B); ``std = 0`` keeps B = 0 (every member is the base model)."""
-    ensemble = LoraEnsemble(model, EnsembleConfig(num_members=num_members, seed=seed, **config))
+    ensemble = LoraEnsemble(model, EnsembleConfig(num_members=num_members, init_seed=seed, **config))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in ensemble.lora_layers().values():

@@ -66,7 +66,7 @@ def trained_adapters(tmp_path, checkpointing: bool, chunk: int | None, **setting
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in SFT))
     dataset = load_sft_dataset(path, tokenizer, 32)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=1), EnsembleConfig(num_members=4, seed=2))
+    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=1), EnsembleConfig(num_members=4, init_seed=2))
     config = RenyiConfig(output_dir=str(tmp_path / f"out-{checkpointing}-{chunk}-{len(settings)}"), num_members=4,
                          alpha=1.0, member_chunk_size=chunk, gradient_checkpointing=checkpointing, max_steps=2,
                          per_device_train_batch_size=3, learning_rate=1e-2, use_cpu=True, report_to="none",

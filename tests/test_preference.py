@@ -107,7 +107,7 @@ def train_case_rule(tmp_path, alpha: float, seed: int):
     dataset = load_preference_dataset(write(tmp_path, "train.jsonl", case_records(seed, 20)), tokenizer, 64)
     held_out = load_preference_dataset(write(tmp_path, "test.jsonl", case_records(seed + 100, 2)), tokenizer, 64)
     ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=64),
-                            EnsembleConfig(num_members=2, seed=seed))
+                            EnsembleConfig(num_members=2, init_seed=seed))
     trainer = dpo_trainer(tmp_path, dataset, ensemble, tokenizer, alpha=alpha, seed=seed, max_steps=300)
     trainer.train()
     batch = PreferenceCollator(tokenizer.pad_token_id)(held_out.examples)

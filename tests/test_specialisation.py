@@ -34,7 +34,7 @@ def train_tiny(tmp_path, records, alpha: float, seed: int, steps: int, tie_a: bo
     tokenizer = make_tokenizer()
     dataset = load_sft_dataset(path, tokenizer, max_length=64)
     ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=128),
-                            EnsembleConfig(num_members=2, rank=8, lora_alpha=16, seed=seed))
+                            EnsembleConfig(num_members=2, rank=8, lora_alpha=16, init_seed=seed))
     if tie_a:
         with torch.no_grad():
             for layer in ensemble.lora_layers().values():
