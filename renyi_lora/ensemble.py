@@ -3,8 +3,9 @@
 Rows are member-major: the batch is repeated K times, rows ``k*B .. (k+1)*B - 1`` belong to member k, and
 each adapted layer adds ``scaling * (x_k @ A_k^T) @ B_k^T`` to the frozen base layer's output, with
 ``lora_A [K, R, Din]`` and ``lora_B [K, Dout, R]`` stacked so that all members run in one ``bmm``.
-B starts at zero (every member starts as the base model); A is drawn per member, which is what breaks
-the symmetry between members (DESIGN.md: with A tied too, members stay identical forever).
+B starts at zero (every member starts as the base model; ``init_lora_b_std`` > 0 draws it too, a randomised
+prior); A is drawn per member, which is what breaks the symmetry between members (with A tied too, members
+stay identical forever).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class EnsembleConfig:
                                 "--seed in `renyi-lora sft` / `dpo`, 0 for an EnsembleConfig built in Python."}
     )
 
+    init_lora_b_std: float = field(
+        default=0.0, metadata={"help": "Std of each member's initial LoRA B draw. 0 (PEFT's rule): every member starts "
+                               "as the base model and members differ only where the data move them. > 0: each member "
+                               "starts from its own random function (a randomised prior, Osband et al. 2018), so "
+                               "members keep disagreeing where the data say nothing."}
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
@@ -52,6 +60,8 @@ class EnsembleConfig:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
+        if not self.init_lora_b_std >= 0:
+            raise ValueError(f"init_lora_b_std must be >= 0; got {self.init_lora_b_std}")
         if self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be > 0; got {self.lora_alpha}")
         if not self.target_modules:
@@ -82,7 +92,9 @@ class EnsembleLoraLayer(nn.Module):
         bound = 1 / math.sqrt(din)
         lora_A = (torch.rand(K, R, din, generator=generator) * 2 - 1) * bound
         self.lora_A = nn.Parameter(lora_A.to(device=weight.device))  # [K, R, Din]
-        self.lora_B = nn.Parameter(torch.zeros(K, dout, R, device=weight.device))  # [K, Dout, R]
+        lora_B = torch.randn(K, dout, R, generator=generator) * config.init_lora_b_std if config.init_lora_b_std \
+            else torch.zeros(K, dout, R)
+        self.lora_B = nn.Parameter(lora_B.to(device=weight.device))  # [K, Dout, R]
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.disabled = False

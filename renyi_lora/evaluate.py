@@ -66,18 +66,21 @@ def encode_choices(tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleC
 
 @torch.no_grad()
 def choice_log_probs(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleChoiceItem],
-                     length_normalize: bool = False, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+                     length_normalize: bool = False, batch_size: int = 16, progress: bool = False,
+                     shared_prompt: bool = True) -> torch.Tensor:
     """Each member's distribution over each item's choices, ``[K, N, C]`` float64 (-inf past an item's choices).
 
     A choice's score is the member's log-likelihood of its tokens after the prompt (mean if
-    ``length_normalize``); the distribution is the log-softmax of the scores over the item's choices.
+    ``length_normalize``); the distribution is the log-softmax of the scores over the item's choices. With
+    ``shared_prompt`` each prompt runs once and its choices continue from its KV cache (``scoring``); without it,
+    or where the cache cannot be shared, every (prompt, choice) row runs in full, right-padded.
     """
     rows = encode_choices(tokenizer, items)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with tqdm(total=len(rows), desc="scoring choices", disable=not progress) as bar:
-        flat = _shared_prompt_scores(ensemble, items, rows, pad, batch_size, bar)  # [K, sum of choices]
+        flat = _shared_prompt_scores(ensemble, items, rows, pad, batch_size, bar) if shared_prompt else None
         if flat is None:
-            bar.reset()
+            bar.reset()  # the shared-prompt pass may have stopped part-way
             flat = _row_scores(ensemble, rows, pad, batch_size, bar)
     if length_normalize:
         flat = flat / torch.tensor([len(c) for _, c in rows], dtype=torch.float64)
@@ -189,7 +192,7 @@ def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokeni
                              items: Sequence[MultipleChoiceItem], length_normalize: bool = False,
                              batch_size: int = 16, weights: Sequence[float] | None = None, base_only: bool = False,
                              member_ids: Sequence[int] | None = None, num_bins: int = 15,
-                             input_scores: bool = False, progress: bool = False) -> dict:
+                             input_scores: bool = False, progress: bool = False, shared_prompt: bool = True) -> dict:
     """Evaluate the ensemble (or the base model alone, ``base_only``) on multiple-choice ``items``.
 
     Returns a JSON-serialisable dict: the settings, ``mixture`` / ``members`` / ``routing`` over all items
@@ -203,8 +206,8 @@ def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokeni
     disabled = ensemble.adapters_disabled() if base_only else contextlib.nullcontext()
     with disabled:
         K = active_members(ensemble)
-        member_log_probs = choice_log_probs(ensemble, tokenizer, items, length_normalize, batch_size,
-                                            progress)  # [K, N, C]
+        member_log_probs = choice_log_probs(ensemble, tokenizer, items, length_normalize, batch_size, progress,
+                                            shared_prompt)  # [K, N, C]
         extra = prompt_scores(ensemble, tokenizer, [item.prompt for item in items], weights, max(1, batch_size // 4),
                               progress) if input_scores else {}
     member_ids = list(member_ids) if member_ids is not None and not base_only else list(range(K))

@@ -135,6 +135,23 @@ def test_members_draw_their_own_a(tiny_llama):
         assert layer.lora_A.abs().max() <= bound
 
 
+def test_random_b_start_is_a_seeded_draw_per_member(tiny_llama):
+    """``init_lora_b_std`` > 0: each member starts from its own random function (a randomised prior), drawn from
+    N(0, std^2) by the init seed; the default 0 keeps PEFT's zero start."""
+    def draw(seed: int) -> LoraEnsemble:
+        return LoraEnsemble(copy.deepcopy(tiny_llama), EnsembleConfig(num_members=3, init_seed=seed,
+                                                                      init_lora_b_std=0.5))
+
+    first, again, other = draw(5), draw(5), draw(6)
+    b = torch.cat([layer.lora_B.flatten(1) for layer in first.lora_layers().values()], 1)  # [K, all B entries]
+    assert not torch.equal(b[0], b[1]) and b.std().item() == pytest.approx(0.5, rel=0.05)
+    for one, two, three in zip(*(e.lora_layers().values() for e in (first, again, other)), strict=True):
+        assert torch.equal(one.lora_B, two.lora_B) and torch.equal(one.lora_A, two.lora_A)
+        assert not torch.equal(one.lora_B, three.lora_B)
+    with pytest.raises(ValueError, match="init_lora_b_std"):
+        EnsembleConfig(init_lora_b_std=-0.1)
+
+
 def test_target_modules_selection(tiny_llama):
     ensemble = LoraEnsemble(copy.deepcopy(tiny_llama), EnsembleConfig(target_modules=["q_proj", "v_proj"]))
     assert sorted(n.rsplit(".", 1)[1] for n in ensemble.module_names) == ["q_proj"] * 2 + ["v_proj"] * 2
