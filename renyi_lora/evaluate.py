@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from renyi_lora.data import DataError, MultipleChoiceItem
 from renyi_lora.objective import responsibilities
 from renyi_lora.ood import INPUT_SCORES, detection_aurocs, prompt_scores
+from renyi_lora.scoring import next_token_logliks, shared_prompt_logliks
 from renyi_lora.token_uncertainty import active_members, encode_pair, normalised_log_weights, pad_right
 from renyi_lora.uncertainty import (
     accuracy,
@@ -78,7 +79,9 @@ def choice_log_probs(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase,
     rows = encode_choices(tokenizer, items)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with tqdm(total=len(rows), desc="scoring choices", disable=not progress) as bar:
-        flat = _shared_prompt_scores(ensemble, items, rows, pad, batch_size, bar) if shared_prompt else None
+        flat = _next_token_scores(ensemble, items, rows, pad, batch_size, bar)
+        if flat is None and shared_prompt:
+            flat = _shared_prompt_scores(ensemble, items, rows, pad, batch_size, bar)
         if flat is None:
             bar.reset()  # the shared-prompt pass may have stopped part-way
             flat = _row_scores(ensemble, rows, pad, batch_size, bar)
@@ -101,13 +104,32 @@ def _row_scores(ensemble: LoraEnsemble, rows: list[tuple[list[int], list[int]]],
     return torch.cat(scores, dim=1)
 
 
+def _next_token_scores(ensemble: LoraEnsemble, items: Sequence[MultipleChoiceItem],
+                       rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int,
+                       bar: tqdm) -> torch.Tensor | None:
+    """``[K, sum of choices]`` when every choice is one token (answer letters, yes / no): one forward of each prompt
+    (``scoring.next_token_logliks``); None otherwise."""
+    if any(len(choice) != 1 or not prompt for prompt, choice in rows):
+        return None
+    scores, start = [], 0
+    per_batch = max(1, batch_size // max(len(item.choices) for item in items))  # about batch_size choice rows
+    for first in range(0, len(items), per_batch):
+        batch = items[first:first + per_batch]
+        prompts, tokens = [], []
+        for item in batch:
+            prompts.append(rows[start][0])
+            tokens.append([choice[0] for _, choice in rows[start:start + len(item.choices)]])
+            start += len(item.choices)
+        scores += next_token_logliks(ensemble, prompts, tokens, pad)
+        bar.update(sum(len(t) for t in tokens))
+    return torch.cat(scores, dim=1)
+
+
 def _shared_prompt_scores(ensemble: LoraEnsemble, items: Sequence[MultipleChoiceItem],
                           rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int,
                           bar: tqdm) -> torch.Tensor | None:
     """``[K, sum of choices]`` choice log-likelihoods with each item's prompt run once (``scoring``); None when the
     prompts are empty or the model's cache cannot be shared (then every (prompt, choice) row runs in full)."""
-    from renyi_lora.scoring import shared_prompt_logliks
-
     if any(not prompt for prompt, _ in rows):
         return None
     starts = [0]

@@ -3,7 +3,8 @@
 Multiple-choice evaluation scores every choice after the same prompt; run naively, the prompt is recomputed once
 per choice (and per member). Here the prompts of a batch run once (left-padded, the cache kept), the cache rows
 are repeated for each prompt's completions, and all completions run in one more forward. The completions'
-log-likelihoods are those of ``ensemble(prompt + completion)`` (tested); the prompt's cost is paid once.
+log-likelihoods are those of ``ensemble(prompt + completion)`` (tested); the prompt's cost is paid once. When every
+completion is one token, one forward of the prompts alone gives them all (``next_token_logliks``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from renyi_lora.generate import IncrementalForward, left_pad
+from renyi_lora.likelihoods import output_features
 from renyi_lora.token_uncertainty import active_members, pad_right
 
 if TYPE_CHECKING:
@@ -63,3 +65,21 @@ def shared_prompt_logliks(ensemble: LoraEnsemble, prompts: list[list[int]], comp
     rest = logits[:, :, :-1].float().log_softmax(-1).gather(-1, ids[None, :, 1:, None].expand(K, -1, -1, -1))
     total = head.double() + (rest[..., 0].double() * mask[:, 1:]).sum(-1)  # [K, R]
     return list(total.split([len(choices) for choices in completions], dim=1))
+
+
+@torch.no_grad()
+def next_token_logliks(ensemble: LoraEnsemble, prompts: list[list[int]], tokens: list[list[int]],
+                       pad_token_id: int) -> list[torch.Tensor]:
+    """Every member's log-probability of each one-token completion of each prompt: a ``[K, C_n]`` float64 tensor
+    per prompt, from one right-padded forward of the prompts (the distribution at each prompt's last position).
+
+    The same numbers as scoring ``prompt + token`` rows, for one forward of the prompt instead of one per
+    completion: the common multiple-choice case of answer letters or yes / no.
+    """
+    device = next(ensemble.parameters()).device
+    input_ids, attention_mask, _ = pad_right(prompts, [[] for _ in prompts], pad_token_id, device)  # [N, T]
+    features, head = output_features(ensemble, input_ids, attention_mask)  # [K, N, T, H or V]
+    last = attention_mask.sum(1) - 1  # [N]
+    at_end = features[:, torch.arange(len(prompts), device=device), last]  # [K, N, H or V]
+    log_probs = torch.log_softmax((at_end if head is None else head(at_end)).double(), dim=-1)  # [K, N, V]
+    return [log_probs[:, n, torch.tensor(choices, device=device)].cpu() for n, choices in enumerate(tokens)]

@@ -40,3 +40,26 @@ def test_shared_prompt_scores_equal_full_rows(members, layers, disabled):
         assert got.shape == (1 if disabled else members, len(choices))
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     assert not torch.allclose(shared[0][:, 0], shared[0][:, 1])  # different completions, different scores
+
+
+def test_one_token_choices_from_one_prompt_forward_equal_full_rows(tokenizer, tiny_llama, one_thread):
+    """Answer letters: every choice one token, scored from one forward of the prompt (``next_token_logliks``), give
+    the same distribution as running every ``prompt + choice`` row in full."""
+    from renyi_lora.data import MultipleChoiceItem
+    from renyi_lora.evaluate import choice_log_probs, encode_choices
+
+    items = [MultipleChoiceItem("Q: 2+2? A. 4 B. 5\nAnswer: ", ["A", "B"], 0, None, 1),
+             MultipleChoiceItem("Q: sky? A. red B. blue C. green\nAnswer: ", ["A", "B", "C"], 1, None, 2),
+             MultipleChoiceItem("yes or no?", ["y", "n"], 0, None, 3)]
+    assert all(len(choice) == 1 for _, choice in encode_choices(tokenizer, items))
+    ensemble = LoraEnsemble(tiny_llama, EnsembleConfig(num_members=3, init_lora_b_std=0.3))
+    fast = choice_log_probs(ensemble, tokenizer, items, batch_size=4)  # [K, N, C]
+    rows = encode_choices(tokenizer, items)
+    with torch.no_grad():
+        full = torch.stack([ensemble(torch.tensor([p + c]))[:, 0, len(p) - 1].double().log_softmax(-1)[:, c[0]]
+                            for p, c in rows], 1)  # [K, rows]
+    start = 0
+    for n, item in enumerate(items):
+        want = full[:, start:start + len(item.choices)].log_softmax(-1)
+        torch.testing.assert_close(fast[:, n, : len(item.choices)], want, atol=1e-6, rtol=1e-6)
+        start += len(item.choices)

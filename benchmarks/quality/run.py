@@ -36,9 +36,11 @@ from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.evaluate import encode_choices, evaluate_multiple_choice, ood_detection
 from renyi_lora.io import export_peft, load_adapter_mixture
 from renyi_lora.models import load_model_and_tokenizer
+from renyi_lora.plots import mi_histogram, reliability_diagram, risk_coverage_plot, routing_heatmap
 from renyi_lora.preference_data import load_multiple_choice
 from renyi_lora.token_uncertainty import encode_prompt
 from renyi_lora.train import RenyiConfig, RenyiTrainer
+from renyi_lora.uncertainty import risk_coverage_curve
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,8 +49,10 @@ ROOT = Path(__file__).resolve().parents[2]
 class QualityArguments:
     task: str = field(default="mmlu", metadata={"help": "Data set prefix in --data_dir: <task>_train.jsonl (SFT), "
                       "<task>_val_mc.jsonl, <task>_test_mc.jsonl, <task>_ood_mc.jsonl (multiple choice)."})
-    data_dir: str = field(default=str(ROOT / "benchmarks/quality/data"), metadata={"help": "Built by make "
-                          "quality-data."})
+    data_dir: str | None = field(default=None, metadata={"help": "Built by make quality-data (default: "
+                                 "benchmarks/quality/data, or its quick/ folder with --quick)."})
+    ood_file: str | None = field(default=None, metadata={"help": "Out-of-distribution items in --data_dir (default "
+                                 "<task>_ood_mc.jsonl; e.g. piqa_mc.jsonl for BoolQ)."})
     model: str = field(default="smollm2-135m", metadata={"help": "Base causal LM (Llama-family decoder)."})
     quick: bool = field(default=False, metadata={"help": "The <= 10 minute version: the quick data, one seed, the "
                         "main rows."})
@@ -101,14 +105,15 @@ QUICK_ROWS = ("base model", "LoRA r", "LoRA r x {k}", "deep ensemble K={k}", "re
 class Benchmark:
     def __init__(self, args: QualityArguments) -> None:
         self.args = args
-        data = Path(args.data_dir)
+        data = Path(args.data_dir or ROOT / "benchmarks/quality/data" / ("quick" if args.quick else ""))
         self.model, self.tokenizer = load_model_and_tokenizer(args.model, torch_dtype=torch.float32)
         self.model.eval()
         self.pad = self.tokenizer.pad_token_id
         self.train_data = load_sft_dataset(data / f"{args.task}_train.jsonl", self.tokenizer, max_length=512)
         self.splits = {}
         for split in ("val", "test", "ood"):
-            items = load_multiple_choice(data / f"{args.task}_{split}_mc.jsonl")
+            name = args.ood_file if split == "ood" and args.ood_file else f"{args.task}_{split}_mc.jsonl"
+            items = load_multiple_choice(data / name)
             if args.max_items is not None and len(items) > args.max_items:
                 items = random.Random(0).sample(items, args.max_items)
             self.splits[split] = items
@@ -226,6 +231,29 @@ def markdown_table(summaries: dict[str, list[dict]], minutes: dict[str, float]) 
     return "\n".join(lines)
 
 
+def write_figures(raw: dict[str, list[dict]], stem: Path) -> list[Path]:
+    """Seed-0 figures of the test split: reliability diagrams, risk-coverage curves, MI in vs out of distribution,
+    and subject x member routing of the renyi rows."""
+    paths = []
+    curves = {}
+    for name, runs in raw.items():
+        test, ood = runs[0]["test"]["items"], runs[0]["ood"]["items"]
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+        paths.append(reliability_diagram([max(i["probs"]) for i in test], [i["correct"] for i in test],
+                                         f"{stem}_reliability_{slug}.png", title=name))
+        curves[name] = risk_coverage_curve(torch.tensor([i["total"] for i in test]),
+                                           torch.tensor([i["correct"] for i in test]))
+        if len(test[0]["member_probs"]) > 1:
+            paths.append(mi_histogram({"test (in distribution)": [i["epistemic"] for i in test],
+                                       "held-out subjects": [i["epistemic"] for i in ood]},
+                                      f"{stem}_mi_{slug}.png", title=f"MI, {name}"))
+            routing = runs[0]["test"]["routing_matrix"]
+            paths.append(routing_heatmap(routing["matrix"], routing["groups"], f"{stem}_routing_{slug}.png",
+                                         title=f"Responsibility for the correct answer, {name}"))
+    paths.append(risk_coverage_plot(curves, f"{stem}_risk_coverage.png", title="Selective prediction (test)"))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(argv)
     torch.manual_seed(0)
@@ -263,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     (stem.parent / f"{stem.name}.json").write_text(json.dumps(
         {"args": asdict(args), "summaries": summaries, "minutes": minutes, "total_minutes": total}, indent=1))
     torch.save(raw, Path(args.cache_dir) / f"{stem.name}_raw.pt")
+    write_figures(raw, stem)
     print(header + table)
 
 
