@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from renyi_lora.likelihoods import output_head_is_plain, token_logliks
+
 
 @dataclass
 class EnsembleConfig:
@@ -44,7 +46,6 @@ class EnsembleConfig:
         default=None, metadata={"help": "Seed for each member's random LoRA initialisation (its A matrices). Default: "
                                 "--seed in `renyi-lora sft` / `dpo`, 0 for an EnsembleConfig built in Python."}
     )
-
     init_lora_b_std: float = field(
         default=0.0, metadata={"help": "Std of each member's initial LoRA B draw. 0 (PEFT's rule): every member starts "
                                "as the base model and members differ only where the data move them. > 0: each member "
@@ -152,6 +153,7 @@ class LoraEnsemble(nn.Module):
         self.ensemble_config = config  # not `config`: the Trainer reads `model.config` as a transformers config
         self.model = model
         model.requires_grad_(False)
+        self.plain_head = output_head_is_plain(model)  # logits = head(hidden): the fused likelihood path is exact
         self.module_names = module_names or find_target_modules(
             model, config.target_modules, config.layers_to_transform
         )
@@ -256,8 +258,6 @@ class LoraEnsemble(nn.Module):
         Training goes through this method so that DDP/FSDP wrappers see the forward.
         """
         if labels is not None:
-            from renyi_lora.likelihoods import token_logliks
-
             return token_logliks(self, input_ids, attention_mask, labels)
         B, T = input_ids.shape
         with self._shared_trunk(B) as shared:

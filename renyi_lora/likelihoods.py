@@ -1,15 +1,21 @@
 """Per-member log-likelihoods of completion tokens, without a float32 log-softmax over ``[K, B, T, V]``.
 
-The output head runs only on the positions that predict a target token, in chunks; each chunk takes the
-target logit minus a float32 logsumexp. When gradients are on, a frozen bias-free head (the LoRA case) computes
-``d log p / d hidden`` in the same pass over the vocabulary (``FusedTargetLogprob``: no logits kept, no second
-pass); any other head is checkpointed per chunk so that only its hidden states are kept. Labels follow the
-transformers convention: ``labels[b, t]`` is the token at position t when it is a target, ``-100`` otherwise
-(prompt, padding); position t is predicted from positions ``< t``.
+The output head runs on the hidden states in chunks; each chunk takes the target logit minus a float32 logsumexp.
+When gradients are on, a frozen bias-free head (the LoRA case) computes ``d log p / d hidden`` in the same pass
+over the vocabulary (``FusedTargetLogprob``: no logits kept, no second pass); any other head is checkpointed per
+chunk so that only its hidden states are kept. Labels follow the transformers convention: ``labels[b, t]`` is the
+token at position t when it is a target, ``-100`` otherwise (prompt, padding); position t is predicted from
+positions ``< t``.
+
+This is only right if the model's logits are ``head(hidden)``. Some architectures transform them after the head
+(Gemma's soft-capping, Granite's ``logits_scaling``, Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``,
+and whatever comes next), so instead of a list of config names, which always lags transformers, each model proves
+it once, when the ensemble is built (``output_head_is_plain``); the others take the model's own logits.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,14 +26,62 @@ if TYPE_CHECKING:
     from renyi_lora.ensemble import LoraEnsemble
 
 IGNORE_INDEX = -100
-# Config attributes that change logits after the output head; such models take the plain full-logits path.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 logits for a logsumexp over V (bf16 loses the small probabilities); float64 stays float64."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+@torch.no_grad()
+def output_head_is_plain(model: nn.Module, probe_logit: float = 30.0, tokens: int = 8) -> bool:
+    """Whether ``model``'s logits are ``model.get_output_embeddings()(model.base_model(...).last_hidden_state)``.
+
+    One forward on ``tokens`` tokens, with a hook that scales the base model's output so that the head's largest
+    logit is ``probe_logit``: large enough that soft-capping (Gemma's cap is 30) bends it visibly, while a linear
+    transform (a multiplier) shows at any scale. Compares log-softmax of the model's own logits with that of the
+    head applied to the captured hidden states. Warns and returns False when they differ (or when the model has no
+    such base model and head): member log-likelihoods then come from the full logits.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    captured: list[torch.Tensor] = []
+
+    def rescale(module: nn.Module, args: tuple, output):
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            return output
+        scale = probe_logit / head(hidden).abs().amax().float().clamp_min(1e-6)
+        output.last_hidden_state = hidden * scale.to(hidden.dtype)
+        captured.append(output.last_hidden_state)
+        return output
+
+    plain = isinstance(head, nn.Linear) and isinstance(base, nn.Module) and base is not model
+    if plain:
+        vocab = head.weight.shape[0]
+        input_ids = torch.arange(1, tokens + 1, device=head.weight.device)[None] % vocab  # [1, T]
+        handle = base.register_forward_hook(rescale)
+        try:
+            logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
+        finally:
+            handle.remove()
+        plain = len(captured) == 1 and logits.shape[:2] == captured[0].shape[:2]
+        if plain:
+            expected = _at_least_float32(logits).log_softmax(-1)  # [1, T, V]
+            got = _at_least_float32(head(captured[0])).log_softmax(-1)
+            # The same matmul on the same tensor: any difference is a transform, not rounding.
+            plain = bool((expected - got).abs().amax() <= 1e-4 * probe_logit)
+    if not plain:
+        warnings.warn(f"{type(model).__name__}'s logits are not its output head applied to its last hidden states "
+                      "(a logit transform such as soft-capping or a multiplier): member log-likelihoods use the "
+                      "model's full logits, which keeps [K, B, T, V] logits in memory", stacklevel=2)
+    return plain
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     targets: torch.Tensor) -> torch.Tensor:
-    """``hidden [N, H]``, ``targets [N]`` -> ``log p(target) [N]`` in float32."""
-    logits = nn.functional.linear(hidden, weight, bias).float()  # [N, V]
+    """``hidden [N, H]``, ``targets [N]`` -> ``log p(target) [N]`` in float32 (float64 for float64 inputs)."""
+    logits = _at_least_float32(nn.functional.linear(hidden, weight, bias))  # [N, V]
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
 
 
@@ -42,11 +96,11 @@ class FusedTargetLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(hidden, weight).float()  # [N, V]
+        logits = _at_least_float32(nn.functional.linear(hidden, weight))  # [N, V]
         logsumexp = torch.logsumexp(logits, dim=1)  # [N]
         logp = logits.gather(1, targets[:, None]).squeeze(1) - logsumexp
         probs = logits.sub_(logsumexp[:, None]).exp_()  # in place: the logits are not needed any more
-        d_hidden = weight[targets].float() - probs @ weight.float()  # [N, H]
+        d_hidden = weight[targets].to(probs.dtype) - probs @ weight.to(probs.dtype)  # [N, H]
         ctx.save_for_backward(d_hidden.to(hidden.dtype))
         return logp
 
@@ -62,29 +116,28 @@ def target_logprobs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor
     grad = torch.is_grad_enabled() and hidden.requires_grad
     fused = grad and head.bias is None and not head.weight.requires_grad
     pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size])
+    # split, not a range over N: under torch.compile a loop over range(N) guards on N's exact value (a recompile
+    # per sequence length), while split guards only on the number of chunks.
+    for hidden_chunk, target_chunk in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
         if fused:
-            pieces.append(FusedTargetLogprob.apply(args[0], head.weight, args[3]))
+            pieces.append(FusedTargetLogprob.apply(hidden_chunk, head.weight, target_chunk))
         elif grad:
-            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logprobs, hidden_chunk, head.weight, head.bias, target_chunk,
+                                     use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(*args))
+            pieces.append(_chunk_logprobs(hidden_chunk, head.weight, head.bias, target_chunk))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _full_logits_logprobs(ensemble: LoraEnsemble, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Fallback for heads with logit transforms: ``[K, B, T]`` from the model's own logits."""
-    model = ensemble.model
+def output_features(ensemble: LoraEnsemble, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, nn.Linear | None]:
+    """What the output head consumes: ``(hidden [K, B, T, H], head)``, or for a model whose logits are not
+    ``head(hidden)`` (see ``output_head_is_plain``) ``(logits [K, B, T, V], None)``. K is 1 when disabled."""
+    if ensemble.plain_head:
+        return ensemble.hidden_states(input_ids, attention_mask), ensemble.model.get_output_embeddings()
     if ensemble.is_disabled:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[None]
-    else:
-        logits = ensemble(input_ids, attention_mask)  # [K, B, T, V]
-    targets = labels[:, 1:].clamp(min=0)  # [B, T-1]
-    logp = torch.log_softmax(logits[:, :, :-1].float(), dim=-1)
-    token = logp.gather(-1, targets.expand(logits.shape[0], -1, -1)[..., None]).squeeze(-1)  # [K, B, T-1]
-    token = torch.nn.functional.pad(token, (1, 0))  # [K, B, T]
-    return token * (labels != IGNORE_INDEX)
+        return ensemble.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[None], None
+    return ensemble(input_ids, attention_mask), None  # [K, B, T, V]
 
 
 def token_logliks(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -92,20 +145,31 @@ def token_logliks(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mas
     """Per-token log-likelihoods of the targets, ``[K, B, T]`` (0 where ``labels == -100``).
 
     Under ``ensemble.adapters_disabled()`` the leading dimension is 1 (the base model on B rows).
+
+    Eagerly, the head runs only on the target positions (a boolean-mask selection). Under ``torch.compile`` that
+    selection is a data-dependent shape (``aten.nonzero``, a graph break), so there the head runs on every
+    position with the targets clamped to a valid id and the non-targets zeroed after: fixed shapes, no break,
+    for the price of the head on the prompt positions too.
     """
-    config = getattr(ensemble.model, "config", None)
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return _full_logits_logprobs(ensemble, input_ids, attention_mask, labels)
-    hidden = ensemble.hidden_states(input_ids, attention_mask)  # [K, B, T, H]
-    K, B, T, H = hidden.shape
+    features, head = output_features(ensemble, input_ids, attention_mask)  # [K, B, T, H or V]
+    K, B, T, H = features.shape
     mask = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: position t-1 predicts labels[t]
-    selected = hidden[:, :, :-1][:, mask]  # [K, N, H]
-    targets = labels[:, 1:][mask]  # [N]
-    N = targets.shape[0]
-    logp = target_logprobs(selected.reshape(K * N, H), ensemble.model.get_output_embeddings(),
-                           targets.repeat(K), chunk_size)  # [K*N]
-    token = hidden.new_zeros(K, B, T - 1, dtype=torch.float32)
-    token[:, mask] = logp.view(K, N)
+    if head is None or torch.compiler.is_compiling():
+        targets = labels[:, 1:].clamp(min=0).expand(K, B, T - 1)  # [K, B, T-1]
+        if head is None:
+            logp = torch.log_softmax(_at_least_float32(features[:, :, :-1]), dim=-1)  # [K, B, T-1, V]
+            logp = logp.gather(-1, targets[..., None]).squeeze(-1)  # [K, B, T-1]
+        else:
+            logp = target_logprobs(features[:, :, :-1].reshape(-1, H), head, targets.reshape(-1), chunk_size)
+            logp = logp.view(K, B, T - 1)
+        token = torch.where(mask, logp, 0.0)  # [K, B, T-1]
+    else:
+        selected = features[:, :, :-1][:, mask]  # [K, N, H]
+        targets = labels[:, 1:][mask]  # [N]
+        N = targets.shape[0]
+        logp = target_logprobs(selected.reshape(K * N, H), head, targets.repeat(K), chunk_size)  # [K*N]
+        token = features.new_zeros(K, B, T - 1, dtype=logp.dtype)
+        token[:, mask] = logp.view(K, N)
     return nn.functional.pad(token, (1, 0))  # [K, B, T]
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from renyi_lora.data import Encoder
-from renyi_lora.likelihoods import _LOGIT_TRANSFORMS, IGNORE_INDEX
+from renyi_lora.likelihoods import IGNORE_INDEX, output_features
 from renyi_lora.uncertainty import Uncertainty, entropy
 
 if TYPE_CHECKING:
@@ -108,17 +108,9 @@ class TokenScores(NamedTuple):
 
 def _selected_logits(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      mask: torch.Tensor):
-    """``(features [K, N, *], head)``: hidden states at the ``mask [B, T-1]`` positions and the output head,
-    or, for models that transform logits after the head, the logits themselves and ``None``."""
-    config = getattr(ensemble.model, "config", None)
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        if ensemble.is_disabled:
-            logits = ensemble.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[None]
-        else:
-            logits = ensemble(input_ids, attention_mask)  # [K, B, T, V]
-        return logits[:, :, :-1][:, mask], None
-    hidden = ensemble.hidden_states(input_ids, attention_mask)  # [K, B, T, H]
-    return hidden[:, :, :-1][:, mask], ensemble.model.get_output_embeddings()
+    """``(features [K, N, *], head)``: ``likelihoods.output_features`` at the ``mask [B, T-1]`` positions."""
+    features, head = output_features(ensemble, input_ids, attention_mask)  # [K, B, T, H or V]
+    return features[:, :, :-1][:, mask], head
 
 
 @torch.no_grad()
