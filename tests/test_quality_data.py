@@ -4,6 +4,7 @@ installed): disjoint splits, held-out subjects, seeded reproducibility, our load
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -263,3 +264,27 @@ def test_real_sources_quick(tmp_path):
     texts = [{question_text(r["prompt"]) for r in read(tmp_path / f"mmlu_{name}.jsonl")}
              for name in ("train", "val_mc", "test_mc", "ood_mc")]
     assert sum(len(t) for t in texts) == len(set().union(*texts))  # MMLU repeats questions: none crosses a split
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="needs gensim's questions-words.txt "
+                    "(make installs it with --no-deps)")
+@pytest.mark.parametrize("quick", [True, False])
+def test_analogies_hold_out_whole_categories(tmp_path, quick):
+    """In-distribution categories split into train / val / test with no shared question; the held-out categories
+    appear only among the out-of-distribution items; the same seed writes the same files."""
+    from benchmarks.quality.analogies import OOD_CATEGORIES, build_analogies
+
+    counts = build_analogies(tmp_path / "a", seed=0, quick=quick)
+    build_analogies(tmp_path / "b", seed=0, quick=quick)
+    files = {name: [json.loads(line) for line in (tmp_path / "a" / f"analogies_{name}.jsonl").open()]
+             for name in counts}
+    assert {name: len(records) for name, records in files.items()} == counts
+    for name in ("train", "val_mc", "test_mc"):
+        assert not {r["group"] for r in files[name]} & set(OOD_CATEGORIES)
+    assert {r["group"] for r in files["ood_mc"]} == set(OOD_CATEGORIES)
+    prompts = {name: {r["prompt"] for r in records} for name, records in files.items()}
+    assert not prompts["val_mc"] & prompts["test_mc"]
+    assert not prompts["train"] & (prompts["val_mc"] | prompts["test_mc"])
+    for name in counts:
+        assert (tmp_path / "a" / f"analogies_{name}.jsonl").read_bytes() == \
+            (tmp_path / "b" / f"analogies_{name}.jsonl").read_bytes()
