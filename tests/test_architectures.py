@@ -3,7 +3,7 @@
 The fused path (``likelihoods.target_logprobs``) applies only the output head; models that transform the logits
 after it (Gemma's soft-capping, Granite's ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``, Cohere's
 ``logit_scale``) must be caught by ``output_head_is_plain`` when the ensemble is built and take the full logits.
-Everything runs in float64, so the comparisons hold to rounding of sums, not to luck.
+The likelihood comparisons run in float64, so they hold to rounding of sums, not to luck.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import transformers
 
 from renyi_lora import likelihoods
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+from renyi_lora.scoring import shared_prompt_logliks
+from renyi_lora.token_uncertainty import pad_right
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,8 +48,8 @@ ARCHITECTURES = {
 }
 
 
-def build(name: str) -> tuple[LoraEnsemble, bool]:
-    """A K = 2 all-linear ensemble in float64 on a tiny random model, with every lora_B drawn nonzero."""
+def build(name: str, dtype: torch.dtype = torch.float64) -> tuple[LoraEnsemble, bool]:
+    """A K = 2 all-linear ensemble on a tiny random model, with every lora_B drawn nonzero."""
     config_class, model_class, arguments, plain = ARCHITECTURES[name]
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**arguments)).double().eval()
@@ -56,11 +58,11 @@ def build(name: str) -> tuple[LoraEnsemble, bool]:
     else:
         with pytest.warns(UserWarning, match="full logits"):
             ensemble = LoraEnsemble(model, EnsembleConfig(num_members=2, rank=4))
-    ensemble.double()
+    ensemble.to(dtype)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in ensemble.lora_parameters()[1::2]:  # lora_B
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * 0.3)
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=dtype) * 0.3)
     return ensemble, plain
 
 
@@ -124,3 +126,19 @@ def test_the_head_check_runs_once_per_ensemble(monkeypatch):
     for _ in range(2):
         ensemble(input_ids, attention_mask, labels=labels)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_shared_prompt_scoring_agrees_with_the_training_likelihoods(name):
+    """Scoring from the KV cache uses the model's own logits; training uses ``token_logliks``: the same numbers.
+    (A cache that cannot be re-indexed by rows returns None, and the caller scores full rows with
+    ``token_logliks`` itself.) float32: in float64, Gemma 2's eager attention turns the left-padded prompt's
+    float64 mask minimum into -inf in its float32 softmax, and the fully masked pad row gives NaN."""
+    ensemble, _ = build(name, torch.float32)
+    prompts, completions = [[5, 6, 7, 8], [9, 10, 11]], [[[12, 13], [14, 15, 16]], [[17], [18, 19]]]
+    rows = [(p, c) for p, choices in zip(prompts, completions, strict=True) for c in choices]
+    with torch.no_grad():
+        shared = shared_prompt_logliks(ensemble, prompts, completions, pad_token_id=0)
+        expected = ensemble(*pad_right([p for p, _ in rows], [c for _, c in rows], 0)).double().sum(-1)
+    if shared is not None:
+        torch.testing.assert_close(torch.cat(shared, dim=1), expected, atol=1e-4, rtol=1e-5)
