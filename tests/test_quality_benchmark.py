@@ -73,12 +73,14 @@ def test_driver_runs_every_kind_of_row_offline(tokenizer, tmp_path):
     main(["--task", "tiny", "--data_dir", str(tmp_path), "--model", str(tmp_path / "model"), "--top_layers", "1",
           "--num_members", "2", "--seeds", "0", "--epochs", "1", "--batch_size", "8", "--out", str(tmp_path / "out"),
           "--cache_dir", str(tmp_path / "cache"),
-          "--rows", "base model", "LoRA r", "deep ensemble K=2", "renyi K=2 a=1 + prior"])
+          "--rows", "base model", "LoRA r", "LoRA r + MC dropout x2", "deep ensemble K=2", "renyi K=2 a=1 + prior"])
     results = json.loads((tmp_path / "out" / "quality_tiny.json").read_text())
-    assert list(results["summaries"]) == ["base model", "LoRA r", "deep ensemble K=2", "renyi K=2 a=1 + prior"]
+    assert list(results["summaries"]) == ["base model", "LoRA r", "LoRA r + MC dropout x2", "deep ensemble K=2",
+                                          "renyi K=2 a=1 + prior"]
     for per_seed in results["summaries"].values():
         assert 0 <= per_seed[0]["acc"] <= 1 and per_seed[0]["ood_total"] is not None
     assert results["summaries"]["LoRA r"][0]["mi_in"] == 0  # one member: no disagreement
     assert results["summaries"]["renyi K=2 a=1 + prior"][0]["mi_in"] > 0
+    assert results["summaries"]["LoRA r + MC dropout x2"][0]["mi_in"] > 0  # the dropout masks differ per member
     table = (tmp_path / "out" / "quality_tiny.md").read_text()
     assert "| deep ensemble K=2 | 1 |" in table

@@ -70,6 +70,8 @@ class QualityArguments:
     max_items: int | None = field(default=None, metadata={"help": "Cap on items per evaluation split."})
     out: str = field(default=str(ROOT / "benchmarks/results"), metadata={"help": "Where the table, JSON, PNGs go."})
     cache_dir: str = field(default=str(Path.home() / ".cache/renyi-lora/quality"))
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's); 1 on a machine "
+                                "busy with other jobs, where contending threads slow each other down."})
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,12 @@ class Row:
     prior: bool = False
     independent: bool = False  # a deep ensemble: K single runs with their own seeds and data order
     base: bool = False
+    mc_dropout: bool = False  # one adapter trained with LoRA dropout, K dropout masks at evaluation
 
 
 def all_rows(k: int) -> list[Row]:
     rows = [Row("base model", base=True), Row("LoRA r"), Row(f"LoRA r x {k}", rank_factor=k),
+            Row(f"LoRA r + MC dropout x{k}", num_members=k, mc_dropout=True),
             Row(f"deep ensemble K={k}", num_members=k, independent=True)]
     for alpha in (0.0, 0.5, 0.8, 1.0, 2.0):
         rows.append(Row(f"renyi K={k} a={alpha:g}", num_members=k, alpha=alpha))
@@ -98,8 +102,12 @@ def all_rows(k: int) -> list[Row]:
     return rows
 
 
-QUICK_ROWS = ("base model", "LoRA r", "LoRA r x {k}", "deep ensemble K={k}", "renyi K={k} a=0", "renyi K={k} a=1",
-              "renyi K={k} a=1 + prior")
+QUICK_ROWS = ("base model", "LoRA r", "LoRA r x {k}", "LoRA r + MC dropout x{k}", "deep ensemble K={k}",
+              "renyi K={k} a=0", "renyi K={k} a=1", "renyi K={k} a=1 + prior")
+
+
+MC_DROPOUT = 0.1  # LoRA dropout of the MC-dropout row, in training and at evaluation
+FIGURE_ROWS = ("LoRA r", "deep ensemble K={k}", "renyi K={k} a=1 + prior")
 
 
 class Benchmark:
@@ -155,7 +163,8 @@ class Benchmark:
                 disable_tqdm=True, seed=seed, num_members=num_members, rank=args.rank * row.rank_factor,
                 lora_alpha=2.0 * args.rank * row.rank_factor, target_modules=["all-linear"], alpha=row.alpha,
                 alpha_warmup_steps=round(args.alpha_warmup_ratio * self.steps) if row.warmup else 0,
-                init_lora_b_std=args.init_lora_b_std if row.prior else 0.0, use_cpu=True)
+                init_lora_b_std=args.init_lora_b_std if row.prior else 0.0,
+                lora_dropout=MC_DROPOUT if row.mc_dropout else 0.0, use_cpu=True)
             ensemble = LoraEnsemble(self.fresh_model(), config.ensemble_config())
             trainer = RenyiTrainer(model=ensemble, args=config, group_names=self.train_data.group_names,
                                    train_dataset=self.train_data, data_collator=SFTCollator(self.pad))
@@ -165,6 +174,16 @@ class Benchmark:
     def build(self, row: Row, seed: int) -> LoraEnsemble:
         if row.base:
             return LoraEnsemble(self.fresh_model(), EnsembleConfig(num_members=1))
+        if row.mc_dropout:  # the trained adapter copied into K members; each member row draws its own mask
+            single = self.train(row, seed, 1)
+            config = EnsembleConfig(**{**asdict(single.ensemble_config), "num_members": row.num_members})
+            ensemble = LoraEnsemble(self.fresh_model(), config).eval()
+            with torch.no_grad():
+                for name, layer in ensemble.lora_layers().items():
+                    layer.lora_A.copy_(single.lora_layers()[name].lora_A.expand_as(layer.lora_A))
+                    layer.lora_B.copy_(single.lora_layers()[name].lora_B.expand_as(layer.lora_B))
+                    layer.dropout.train()
+            return ensemble
         if not row.independent:
             return self.train(row, seed, row.num_members)
         with tempfile.TemporaryDirectory() as folder:  # K adapters trained apart, joined from their PEFT exports
@@ -231,21 +250,24 @@ def markdown_table(summaries: dict[str, list[dict]], minutes: dict[str, float]) 
     return "\n".join(lines)
 
 
-def write_figures(raw: dict[str, list[dict]], stem: Path) -> list[Path]:
-    """Seed-0 figures of the test split: reliability diagrams, risk-coverage curves, MI in vs out of distribution,
-    and subject x member routing of the renyi rows."""
+def write_figures(raw: dict[str, list[dict]], stem: Path, names: list[str]) -> list[Path]:
+    """Seed-0 figures of the test split for the rows ``names``: reliability diagrams, MI in vs out of distribution
+    and group x member routing (ensembles), and the risk-coverage curves of every row."""
     paths = []
     curves = {}
     for name, runs in raw.items():
-        test, ood = runs[0]["test"]["items"], runs[0]["ood"]["items"]
+        test = runs[0]["test"]["items"]
+        curves[name] = risk_coverage_curve(torch.tensor([i["total"] for i in test]),
+                                           torch.tensor([i["correct"] for i in test]))
+        if name not in names:
+            continue
+        ood = runs[0]["ood"]["items"]
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
         paths.append(reliability_diagram([max(i["probs"]) for i in test], [i["correct"] for i in test],
                                          f"{stem}_reliability_{slug}.png", title=name))
-        curves[name] = risk_coverage_curve(torch.tensor([i["total"] for i in test]),
-                                           torch.tensor([i["correct"] for i in test]))
         if len(test[0]["member_probs"]) > 1:
             paths.append(mi_histogram({"test (in distribution)": [i["epistemic"] for i in test],
-                                       "held-out subjects": [i["epistemic"] for i in ood]},
+                                       "held out (out of distribution)": [i["epistemic"] for i in ood]},
                                       f"{stem}_mi_{slug}.png", title=f"MI, {name}"))
             routing = runs[0]["test"]["routing_matrix"]
             paths.append(routing_heatmap(routing["matrix"], routing["groups"], f"{stem}_routing_{slug}.png",
@@ -257,6 +279,8 @@ def write_figures(raw: dict[str, list[dict]], stem: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(argv)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     k = args.num_members
     rows = all_rows(k)
     wanted = args.rows or ([name.format(k=k) for name in QUICK_ROWS] if args.quick else [r.name for r in rows])
@@ -291,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     (stem.parent / f"{stem.name}.json").write_text(json.dumps(
         {"args": asdict(args), "summaries": summaries, "minutes": minutes, "total_minutes": total}, indent=1))
     torch.save(raw, Path(args.cache_dir) / f"{stem.name}_raw.pt")
-    write_figures(raw, stem)
+    write_figures(raw, stem, [name.format(k=k) for name in FIGURE_ROWS])
     print(header + table)
 
 
