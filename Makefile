@@ -38,6 +38,12 @@ quality-data: $(STAMP)
 	$(PY) -m benchmarks.quality.analogies --out benchmarks/quality/data --seed 0
 	$(PY) -m benchmarks.quality.analogies --out benchmarks/quality/data/quick --seed 0 --quick
 
+# The real-data quality table (docs/quality.md): QUALITY_ARGS=--quick for the few-minute version.
+.PHONY: bench-quality
+bench-quality: quality-data
+	$(PY) -m benchmarks.quality.run --task analogies $(QUALITY_ARGS)
+	$(PY) -m benchmarks.quality.run --task mmlu $(QUALITY_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check renyi_lora tests benchmarks examples
 

@@ -57,7 +57,8 @@ class QualityArguments:
     quick: bool = field(default=False, metadata={"help": "The <= 10 minute version: the quick data, one seed, the "
                         "main rows."})
     rows: list[str] | None = field(default=None, metadata={"help": "Rows to run (default: all for the mode)."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] | None = field(default=None, metadata={"help": "Training seeds (default: 0 with --quick, "
+                                    "else 0 1 2)."})
     num_members: int = 4
     rank: int = 8
     top_layers: int = field(default=4, metadata={"help": "LoRA on the top N decoder layers (all linear modules)."})
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = all_rows(k)
     wanted = args.rows or ([name.format(k=k) for name in QUICK_ROWS] if args.quick else [r.name for r in rows])
     rows = [r for r in rows if r.name in wanted]
-    seeds = args.seeds[:1] if args.quick else args.seeds
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     start = time.perf_counter()
     bench = Benchmark(args)
     print(f"{args.task}: {len(bench.train_data)} training examples, {bench.steps} steps of {args.batch_size}; "
