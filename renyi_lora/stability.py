@@ -19,6 +19,15 @@ can take products: J v by a forward-mode jvp of the log-likelihood vector (G v, 
 a jvp of the gradient (forward-over-reverse). ``critical_alpha`` runs Lanczos on V^{-1} J, which is self-adjoint in
 the V inner product <x, y>_V = x^T V y, solving V z = J q by conjugate gradients. P is the number of numbers in
 ``params``; every vector is either a params-shaped dict or, inside the solver, one flat tensor [P].
+
+V is positive semi-definite only at a minimum. Before the solves, a few Lanczos steps on V itself look for a
+direction of negative curvature (Lanczos finds the extreme eigenvalues of V first), so a point that is not a minimum
+is refused after a handful of products instead of somewhere inside the conjugate-gradient solves. The Gauss-Newton
+curvature (``curvature="gauss-newton"``) replaces V by G = mean_i J_i^T (-Hessian of the log-likelihood in the
+model's outputs) J_i, J_i the Jacobian of example i's outputs (e.g. its logits): positive semi-definite everywhere
+for a log-softmax likelihood, equal to the Fisher information of the model's own predictive, and equal to V where
+the residual term mean_i sum_o (d log p_i / d z_o) Hessian z_o vanishes (outputs linear in theta, or residuals that
+average out at a minimum).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.func import grad, jvp, vjp
@@ -38,13 +47,51 @@ Params = dict[str, torch.Tensor]
 LoglikFn = Callable[[Params, Any], torch.Tensor]
 
 NOT_A_MINIMUM = (
-    "theta is not a minimum of the NLL; train the single adapter to convergence first "
-    "(if V is only singular, e.g. from a parameter symmetry, use damping > 0)"
+    "theta is not a minimum of the NLL; refine or train the single adapter to a minimum first, or use "
+    "curvature='gauss-newton' (positive semi-definite anywhere; if V is only singular, e.g. from a parameter "
+    "symmetry, use damping > 0)"
 )
 
 
 class NotAMinimumError(ValueError):
-    """V (the Hessian of the mean NLL) is not positive definite at theta."""
+    """V (the Hessian of the mean NLL) is not positive definite at theta.
+
+    Attributes:
+        curvature: the negative (or zero) curvature found, ``x^T V x / x^T x`` along some direction x.
+        products: Hessian-vector products (passes over the data set) spent before it was found.
+        largest: the largest curvature of V found before (nan if none was measured): how small ``curvature`` is.
+        hint: what to do about it, printed after the rest (set by callers that know their user's options).
+    """
+
+    def __init__(self, message: str, curvature: float = math.nan, products: int = 0, largest: float = math.nan
+                 ) -> None:
+        super().__init__(message)
+        self.message, self.curvature, self.products, self.largest = message, curvature, products, largest
+        self.hint = ""
+
+    def __str__(self) -> str:
+        details = [f"{self.products} Hessian-vector products"] if self.products else []
+        details += [f"largest curvature found {self.largest:.3g}"] if math.isfinite(self.largest) else []
+        text = f"{self.message} ({'; '.join(details)})" if details else self.message
+        return f"{text}\n{self.hint}" if self.hint else text
+
+
+@dataclass(frozen=True)
+class OutputLoglik:
+    """A log-likelihood that goes through the model's outputs: ``loglik(params, batch) = head(outputs(params, batch),
+    batch)``, the form the Gauss-Newton curvature needs (any callable works for the exact one).
+
+    Attributes:
+        outputs: ``(params, batch) -> z``, the model's outputs, e.g. logits ``[N, T, V]``.
+        head: ``(z, batch) -> [N]``, per-example log-likelihoods from the outputs; concave in ``z`` (a log-softmax
+            of logits is) for the Gauss-Newton matrix to be positive semi-definite.
+    """
+
+    outputs: Callable[[Params, Any], torch.Tensor]
+    head: Callable[[torch.Tensor, Any], torch.Tensor]
+
+    def __call__(self, params: Params, batch: Any) -> torch.Tensor:
+        return self.head(self.outputs(params, batch), batch)
 
 
 def _loglik(loglik_fn: LoglikFn, params: Params, batch: Any) -> torch.Tensor:
@@ -77,6 +124,27 @@ def _hessian_vector_batch(loglik_fn: LoglikFn, params: Params, batch: Any, vecto
         return loglik.sum(), loglik
 
     _, product, loglik = jvp(grad(total_loglik, has_aux=True), (params,), (vector,), has_aux=True)
+    return product, loglik.shape[0]
+
+
+def _gauss_newton_vector_batch(loglik_fn: OutputLoglik, params: Params, batch: Any, vector: Params
+                               ) -> tuple[Params, int]:
+    """``(sum_i J_i^T Hessian_z(log p_i) J_i v, N)`` over one batch: J v by forward mode through the model, the
+    Hessian of the head in the outputs by forward-over-reverse on the head alone, then J^T by reverse mode."""
+
+    def outputs(p: Params) -> torch.Tensor:
+        return loglik_fn.outputs(p, batch)
+
+    def head_total(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loglik = loglik_fn.head(z, batch)
+        if loglik.dim() != 1:
+            raise ValueError(f"head must return per-example log-likelihoods of shape [N]; got {tuple(loglik.shape)}")
+        return loglik.sum(), loglik
+
+    value, outputs_dot_v = jvp(outputs, (params,), (vector,))  # z and J v, each like the outputs
+    _, curved, loglik = jvp(grad(head_total, has_aux=True), (value.detach(),), (outputs_dot_v,), has_aux=True)
+    _, pullback = vjp(outputs, params)
+    (product,) = pullback(curved.detach())
     return product, loglik.shape[0]
 
 
@@ -120,6 +188,23 @@ def hessian_vector_product(loglik_fn: LoglikFn, params: Params, batches: Iterabl
     return {name: -value for name, value in product.items()}
 
 
+def gauss_newton_vector_product(loglik_fn: OutputLoglik, params: Params, batches: Iterable, vector: Params) -> Params:
+    """Generalised Gauss-Newton matrix times a vector, ``G v = mean_i J_i^T (-Hessian_z log p_i) J_i v``.
+
+    ``J_i`` is the Jacobian of example i's outputs ``z`` (``loglik_fn.outputs``) in ``params``. G is V without its
+    residual term: positive semi-definite at every theta when the head is concave in ``z``; for a softmax likelihood
+    the Hessian in the logits is ``-(diag p - p p^T)`` per target token, so G is the Fisher information of the
+    model's own predictive. One product costs two forward passes (forward mode, then reverse mode) and one backward.
+
+    Args and returns as in ``fisher_vector_product``; ``loglik_fn`` must be an ``OutputLoglik``.
+    """
+    if not isinstance(loglik_fn, OutputLoglik):
+        raise TypeError("the Gauss-Newton product needs loglik_fn as OutputLoglik(outputs, head): the outputs it "
+                        f"linearises (e.g. logits) and the log-likelihood of them; got {type(loglik_fn).__name__}")
+    product = _mean_over_batches(_gauss_newton_vector_batch, loglik_fn, params, batches, vector)
+    return {name: -value for name, value in product.items()}
+
+
 @dataclass
 class StabilityResult:
     """Outcome of ``critical_alpha``.
@@ -133,6 +218,10 @@ class StabilityResult:
         damping: the relative damping asked for; ``shift`` is the absolute one added to V.
         shift: ``damping * tr(V) / P`` (one-probe estimate), added to V's diagonal.
         direction: the top eigenvector, params-shaped, V-normalised: the direction in which members separate.
+        curvature: ``"exact"`` (V, the Hessian) or ``"gauss-newton"`` (G, positive semi-definite anywhere).
+        lowest_curvature: the lowest curvature of V (with the prior, without the shift) that the Lanczos check found
+            before the solves (an upper bound on V's smallest eigenvalue; nan when the check was skipped).
+        products: products with V (or G), each a pass over the data set: the cost, with ``iterations`` J v.
     """
 
     alpha_star: float
@@ -143,6 +232,9 @@ class StabilityResult:
     damping: float
     shift: float
     direction: Params
+    curvature: str = "exact"
+    lowest_curvature: float = math.nan
+    products: int = 0
 
     def summary(self) -> str:
         """One line in plain English."""
@@ -171,6 +263,49 @@ class _Flat:
         return {name: chunk.view(shape) for name, chunk, shape in zip(self.names, chunks, self.shapes, strict=True)}
 
 
+def _lowest_curvature(
+    matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, start_product: torch.Tensor,
+    max_steps: int, shift: float,
+) -> tuple[float, float, int]:
+    """Lanczos on A (plain inner product, full re-orthogonalisation) from ``start``, whose product ``A start`` is given.
+
+    Lanczos finds the extreme eigenvalues of A first, so a direction of negative curvature shows up as a negative
+    Ritz value within a few steps (each Ritz value is a Rayleigh quotient: it proves the curvature is there).
+
+    Returns:
+        ``(lowest, highest, products)``: the extreme Ritz values and the products with A taken after the given one.
+        Stops as soon as ``lowest < -(shift + eps * |highest|)``: A + shift I has negative curvature beyond
+        rounding (``eps`` of the dtype).
+    """
+    eps, norm = torch.finfo(start.dtype).eps, start.norm()
+    basis, product = [start / norm], start_product / norm
+    diagonal: list[float] = []
+    offdiagonal: list[float] = []
+    products = 0
+    for step in range(1, max_steps + 1):
+        if step > 1:
+            product, products = matvec(basis[-1]), products + 1
+        diagonal.append((basis[-1] @ product).item())
+        tridiagonal = torch.diag(torch.tensor(diagonal, dtype=torch.float64))  # [steps, steps]
+        if offdiagonal:
+            off = torch.tensor(offdiagonal, dtype=torch.float64)
+            tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+        ritz = torch.linalg.eigvalsh(tridiagonal)
+        lowest, highest = ritz[0].item(), ritz[-1].item()
+        if lowest < -(shift + eps * abs(highest)) or step == max_steps:
+            break
+        residual = product - diagonal[-1] * basis[-1] - (offdiagonal[-1] * basis[-2] if offdiagonal else 0)
+        for _ in range(2):
+            for q in basis:
+                residual -= (q @ residual) * q
+        beta = residual.norm().item()
+        if beta <= math.sqrt(eps) * abs(highest):
+            break  # an invariant subspace: its Ritz values are eigenvalues
+        offdiagonal.append(beta)
+        basis.append(residual / beta)
+    return lowest, highest, products
+
+
 def _conjugate_gradient(
     matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, tol: float, max_iter: int
 ) -> tuple[torch.Tensor, bool]:
@@ -184,7 +319,8 @@ def _conjugate_gradient(
         product = matvec(direction)
         curvature = direction @ product
         if not curvature > 0:
-            raise NotAMinimumError(f"{NOT_A_MINIMUM}: conjugate gradients met curvature {curvature.item():.3g} <= 0")
+            rayleigh = (curvature / (direction @ direction)).item()
+            raise NotAMinimumError(f"{NOT_A_MINIMUM}: conjugate gradients met curvature {rayleigh:.3g} <= 0", rayleigh)
         step = residual_sq / curvature
         solution += step * direction
         residual -= step * product
@@ -204,6 +340,9 @@ def critical_alpha(
     damping: float = 1e-4,
     cg_max_iter: int = 100,
     cg_tol: float | None = None,
+    curvature: Literal["exact", "gauss-newton"] = "exact",
+    prior_curvature: float = 0.0,
+    curvature_check_steps: int = 20,
     seed: int = 0,
     progress: bool = False,
 ) -> StabilityResult:
@@ -215,8 +354,13 @@ def critical_alpha(
     (e.g. LoRA's rescaling symmetry A -> cA, B -> B / c, along which J vanishes too); it can only lower the
     eigenvalues, by a relative amount of order ``damping`` when V is well conditioned.
 
+    Before the solves, up to ``curvature_check_steps`` Lanczos steps on V from the same random probe look for
+    negative curvature and raise ``NotAMinimumError`` as soon as they find it (typically within 10 products at a
+    point an optimiser stopped short of a minimum). The solves check again on every step.
+
     Args:
-        loglik_fn: ``(params, batch) -> [N]`` per-example log-likelihoods, a pure function of ``params``.
+        loglik_fn: ``(params, batch) -> [N]`` per-example log-likelihoods, a pure function of ``params``; an
+            ``OutputLoglik`` for ``curvature="gauss-newton"``.
         params: theta, name -> tensor (P numbers in all; float32 or float64). Detached here.
         batches: the data set, re-iterated on every product (a one-shot iterator is turned into a list first).
         num_eigenvalues: how many of the top eigenvalues must converge.
@@ -225,6 +369,13 @@ def critical_alpha(
         damping: relative damping of V (>= 0), as above.
         cg_max_iter: most conjugate-gradient steps per solve.
         cg_tol: relative residual of each solve; default ``max(tol / 10, 100 * eps)`` of the dtype.
+        curvature: ``"exact"``: V is the Hessian of the mean NLL (``hessian_vector_product``); ``"gauss-newton"``:
+            the generalised Gauss-Newton matrix (``gauss_newton_vector_product``), positive semi-definite anywhere,
+            close to V at a minimum where the model's residuals average out.
+        prior_curvature: curvature ``c`` of a Gaussian prior ``c / 2 ||theta||^2`` in the objective theta minimises
+            (``prior_weight / prior_std^2`` of training): ``c I`` is added to V. In a split theta_k = theta + d_k the
+            prior contributes exactly ``c sum_k pi_k ||d_k||^2 / 2`` and nothing to the scores, so J is unchanged.
+        curvature_check_steps: most Lanczos steps on V before the solves (0 to skip; skipped for Gauss-Newton).
         seed: seeds the random start vector.
         progress: show a tqdm bar over Lanczos steps.
 
@@ -235,6 +386,12 @@ def critical_alpha(
     if min(num_eigenvalues, max_iter, cg_max_iter) < 1 or not (damping >= 0 and tol > 0):
         raise ValueError(f"need num_eigenvalues, max_iter, cg_max_iter >= 1, damping >= 0, tol > 0; got "
                          f"{num_eigenvalues}, {max_iter}, {cg_max_iter}, {damping}, {tol}")
+    if curvature not in ("exact", "gauss-newton") or prior_curvature < 0 or curvature_check_steps < 0:
+        raise ValueError(f"need curvature 'exact' or 'gauss-newton', prior_curvature >= 0, curvature_check_steps >= 0; "
+                         f"got {curvature!r}, {prior_curvature}, {curvature_check_steps}")
+    if curvature == "gauss-newton" and not isinstance(loglik_fn, OutputLoglik):
+        raise TypeError("curvature='gauss-newton' needs loglik_fn as OutputLoglik(outputs, head) (the outputs it "
+                        f"linearises, e.g. logits); got {type(loglik_fn).__name__}")
     if iter(batches) is batches:
         batches = list(batches)
     params = {name: value.detach() for name, value in params.items()}
@@ -242,12 +399,17 @@ def critical_alpha(
     reference = next(iter(params.values()))
     eps = torch.finfo(reference.dtype).eps
     cg_tol = max(tol / 10, 100 * eps) if cg_tol is None else cg_tol
+    curvature_product = gauss_newton_vector_product if curvature == "gauss-newton" else hessian_vector_product
+    products = 0
 
     def fisher(vector: torch.Tensor) -> torch.Tensor:  # [P] -> [P]
         return flat.flatten(fisher_vector_product(loglik_fn, params, batches, flat.unflatten(vector)))
 
-    def hessian(vector: torch.Tensor) -> torch.Tensor:  # [P] -> [P]
-        return flat.flatten(hessian_vector_product(loglik_fn, params, batches, flat.unflatten(vector)))
+    def hessian(vector: torch.Tensor) -> torch.Tensor:  # [P] -> [P]: V v (or G v), with the prior's curvature
+        nonlocal products
+        products += 1
+        product = flat.flatten(curvature_product(loglik_fn, params, batches, flat.unflatten(vector)))
+        return product + prior_curvature * vector if prior_curvature else product
 
     num_params = sum(flat.sizes)
     wanted = min(num_eigenvalues, num_params)
@@ -257,11 +419,24 @@ def critical_alpha(
     mean_curvature = (start @ start_product) / (start @ start)  # Hutchinson estimate of tr(V) / P
     if not mean_curvature > 0:
         raise NotAMinimumError(f"{NOT_A_MINIMUM}: mean curvature of V along a random direction is "
-                               f"{mean_curvature.item():.3g} <= 0")
+                               f"{mean_curvature.item():.3g} <= 0", mean_curvature.item(), products)
     shift = damping * mean_curvature.item()
+    lowest = highest = math.nan
+    if curvature == "exact" and curvature_check_steps > 0:
+        lowest, highest, _ = _lowest_curvature(hessian, start, start_product, curvature_check_steps, shift)
+        if lowest < -(shift + eps * abs(highest)):
+            raise NotAMinimumError(f"{NOT_A_MINIMUM}: V has curvature {lowest:.3g} along a direction found by Lanczos "
+                                   "on V", lowest, products, highest)
 
     def damped_hessian(vector: torch.Tensor) -> torch.Tensor:
         return hessian(vector) + shift * vector
+
+    def solve(rhs: torch.Tensor) -> tuple[torch.Tensor, bool]:  # (V + shift I)^{-1} rhs by conjugate gradients
+        try:
+            return _conjugate_gradient(damped_hessian, rhs, cg_tol, cg_max_iter)
+        except NotAMinimumError as error:
+            error.products, error.largest = products, highest
+            raise
 
     start_v = start_product + shift * start
     norm = torch.sqrt(start @ start_v)
@@ -272,7 +447,7 @@ def critical_alpha(
     for steps in range(1, max_iter + 1):
         j = steps - 1
         fisher_q = fisher(basis[j])  # J q_j
-        solution, solved = _conjugate_gradient(damped_hessian, fisher_q, cg_tol, cg_max_iter)  # V^{-1} J q_j
+        solution, solved = solve(fisher_q)  # V^{-1} J q_j
         unconverged_solves += not solved
         column = torch.stack([q @ fisher_q for q in basis]).double()  # q_i^T J q_j, i <= j
         projected[: j + 1, j] = projected[j, : j + 1] = column
@@ -284,7 +459,9 @@ def critical_alpha(
         residual_v = damped_hessian(residual)
         beta_sq, scale = (residual @ residual_v).item(), max((solution @ fisher_q).item(), 0.0)
         if beta_sq < -math.sqrt(eps) * scale:
-            raise NotAMinimumError(f"{NOT_A_MINIMUM}: V has curvature {beta_sq:.3g} < 0 in the Lanczos basis")
+            curvature_found = beta_sq / (residual @ residual).item()
+            raise NotAMinimumError(f"{NOT_A_MINIMUM}: V has curvature {curvature_found:.3g} < 0 in the Lanczos basis",
+                                   curvature_found, products, highest)
         beta = math.sqrt(max(beta_sq, 0.0))
         ritz_values, ritz_vectors = torch.linalg.eigh(projected[:steps, :steps])
         ritz_values, ritz_vectors = ritz_values.flip(0), ritz_vectors.flip(1)  # descending
@@ -317,4 +494,7 @@ def critical_alpha(
         damping=damping,
         shift=shift,
         direction=flat.unflatten(direction),
+        curvature=curvature,
+        lowest_curvature=lowest,
+        products=products,
     )

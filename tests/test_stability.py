@@ -13,8 +13,10 @@ from torch.func import functional_call
 
 from renyi_lora.stability import (
     NotAMinimumError,
+    OutputLoglik,
     critical_alpha,
     fisher_vector_product,
+    gauss_newton_vector_product,
     hessian_vector_product,
 )
 
@@ -194,5 +196,108 @@ def test_saddle_raises_not_a_minimum():
     def loglik_fn(params, batch):
         return -0.5 * ((params["theta"] - batch) ** 2 * curvature).sum(-1)
 
-    with pytest.raises(NotAMinimumError, match="train the single adapter to convergence first"):
+    with pytest.raises(NotAMinimumError, match="refine or train the single adapter to a minimum first") as error:
         critical_alpha(loglik_fn, {"theta": targets.mean(0)}, [targets])
+    assert error.value.curvature < 0 and 1 <= error.value.products <= 6  # the Lanczos check on V, P = 5
+
+
+def test_negative_curvature_the_solves_never_see_is_found_within_a_few_products():
+    # Quadratic NLL with curvature (-0.3, 1, ..., 10) on P = 40 numbers, at the mean of the targets. The targets do
+    # not vary along the first coordinate, so every score, and J, is zero there: the solves start from J q and reach
+    # that direction only through rounding, late.
+    num_params = 40
+    curvature = torch.cat([torch.tensor([-0.3]), torch.linspace(1.0, 10.0, num_params - 1)]).to(DTYPE)
+    targets = torch.randn(200, num_params, generator=torch.Generator().manual_seed(6), dtype=DTYPE)
+    targets[:, 0] = 0.0
+    calls = 0
+
+    def loglik_fn(params, batch):
+        nonlocal calls
+        calls += 1
+        return -0.5 * ((params["theta"] - batch) ** 2 * curvature).sum(-1)
+
+    theta = {"theta": targets.mean(0)}
+    with pytest.raises(NotAMinimumError, match="in the Lanczos basis") as late:
+        critical_alpha(loglik_fn, theta, [targets], curvature_check_steps=0)
+    assert late.value.products > 40  # measured: 81
+    calls = 0
+    with pytest.raises(NotAMinimumError, match="Lanczos on V") as error:
+        critical_alpha(loglik_fn, theta, [targets])
+    # Found by Lanczos on V from the random probe (extreme eigenvalues come first), before any J v or solve: one
+    # loglik_fn call per product over the single batch. Measured: 4 products.
+    assert error.value.products <= 8 and calls == error.value.products
+    assert error.value.curvature < -0.1 and error.value.largest > 5
+
+
+def test_prior_curvature_equals_the_prior_term_in_the_loglik(logistic):
+    # c / 2 ||theta - theta_0||^2 per example adds c to V and nothing to the scores at theta_0: the same pencil.
+    loglik_fn, params, batches, _, _ = logistic
+
+    def with_prior(p, batch):
+        squared = sum(((p[name] - value) ** 2).sum() for name, value in params.items())
+        return loglik_fn(p, batch) - 0.5 * 0.3 * squared
+
+    wrapped = critical_alpha(with_prior, params, batches, damping=0.0, tol=1e-9)
+    added = critical_alpha(loglik_fn, params, batches, damping=0.0, tol=1e-9, prior_curvature=0.3)
+    assert added.eigenvalues == pytest.approx(wrapped.eigenvalues, rel=1e-8)
+    assert added.eigenvalues[0] < critical_alpha(loglik_fn, params, batches, damping=0.0, tol=1e-9).eigenvalues[0]
+
+
+# --- the Gauss-Newton curvature ---
+
+
+def test_gauss_newton_is_the_hessian_when_the_outputs_are_linear(logistic):
+    # Logistic regression: the logit is linear in theta, so V has no residual term and G = V, at any theta.
+    loglik_fn, params, batches, hessian, _ = logistic
+    model = loglik_fn.args[0]
+
+    def logits(p, batch):
+        return functional_call(model, p, (batch[0],)).squeeze(-1)  # [N]
+
+    def head(z, batch):
+        return -torch.nn.functional.binary_cross_entropy_with_logits(z, batch[1], reduction="none")
+
+    split = OutputLoglik(logits, head)
+    vector = _unflatten(torch.randn(len(hessian), generator=torch.Generator().manual_seed(2), dtype=DTYPE), params)
+    got = _flatten(gauss_newton_vector_product(split, params, batches, vector))
+    torch.testing.assert_close(got, hessian @ _flatten(vector), rtol=1e-8, atol=1e-10)
+    exact = critical_alpha(loglik_fn, params, batches, damping=0.0, tol=1e-9)
+    gauss_newton = critical_alpha(split, params, batches, damping=0.0, tol=1e-9, curvature="gauss-newton")
+    assert gauss_newton.eigenvalues == pytest.approx(exact.eigenvalues, rel=1e-6)
+    assert gauss_newton.curvature == "gauss-newton" and math.isnan(gauss_newton.lowest_curvature)
+    with pytest.raises(TypeError, match="OutputLoglik"):
+        critical_alpha(loglik_fn, params, batches, curvature="gauss-newton")
+
+
+def test_gauss_newton_is_positive_semi_definite_where_the_hessian_is_not():
+    # A tanh network with a softmax over 5 classes at a random theta (not a minimum): G equals the dense
+    # J_z^T (diag p - p p^T) J_z, has no negative eigenvalue, while V has a clearly negative one.
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(30, 4, generator=generator, dtype=DTYPE)
+    labels = torch.randint(0, 5, (30,), generator=generator)
+    params = {"hidden": torch.randn(6, 4, generator=generator, dtype=DTYPE),
+              "out": torch.randn(5, 6, generator=generator, dtype=DTYPE)}
+
+    def logits(p, batch):
+        return torch.tanh(batch[0] @ p["hidden"].T) @ p["out"].T  # [N, 5]
+
+    def head(z, batch):
+        return z.log_softmax(-1).gather(-1, batch[1][:, None]).squeeze(-1)  # [N]
+
+    split = OutputLoglik(logits, head)
+    batches = [(features[:11], labels[:11]), (features[11:], labels[11:])]
+    hessian, _ = _dense(split, params, (features, labels))
+    jacobian = torch.autograd.functional.jacobian(
+        lambda vector: logits(_unflatten(vector, params), (features, labels)), _flatten(params))  # [N, 5, P]
+    probs = logits(params, (features, labels)).softmax(-1)  # [N, 5]
+    output_curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]  # [N, 5, 5]
+    dense = torch.einsum("nap,nab,nbq->pq", jacobian, output_curvature, jacobian) / len(features)  # [P, P]
+    columns = torch.eye(len(dense), dtype=DTYPE)
+    products = torch.stack([_flatten(gauss_newton_vector_product(split, params, batches, _unflatten(column, params)))
+                            for column in columns], 1)  # [P, P]
+    torch.testing.assert_close(products, dense, rtol=1e-8, atol=1e-10)
+    assert torch.linalg.eigvalsh(dense)[0] > -1e-10 * torch.linalg.eigvalsh(dense)[-1]
+    assert torch.linalg.eigvalsh(hessian)[0] < -0.05 * torch.linalg.eigvalsh(hessian)[-1]  # not vacuous
+    with pytest.raises(NotAMinimumError):
+        critical_alpha(split, params, batches)
+    assert critical_alpha(split, params, batches, curvature="gauss-newton", damping=1e-3).alpha_star > 0
