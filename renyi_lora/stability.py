@@ -216,7 +216,8 @@ class StabilityResult:
         converged: whether every requested eigenvalue met ``tolerance``.
         tolerance: the relative Ritz-residual tolerance used.
         damping: the relative damping asked for; ``shift`` is the absolute one added to V.
-        shift: ``damping * tr(V) / P`` (one-probe estimate), added to V's diagonal.
+        shift: added to V's diagonal: ``damping * tr(V) / P`` (one-probe estimate), at least the rounding of the
+            products, ``ROUNDING * lambda_max(V)`` (0 when ``damping`` is 0).
         direction: the top eigenvector, params-shaped, V-normalised: the direction in which members separate.
         curvature: ``"exact"`` (V, the Hessian) or ``"gauss-newton"`` (G, positive semi-definite anywhere).
         lowest_curvature: the lowest curvature of V (with the prior, without the shift) that the Lanczos check found
@@ -263,6 +264,12 @@ class _Flat:
         return {name: chunk.view(shape) for name, chunk, shape in zip(self.names, chunks, self.shapes, strict=True)}
 
 
+# Curvature within ROUNDING * lambda_max(V) of zero is rounding: Hugging Face models compute RMSNorm and the attention
+# softmax in float32 even in float64, and conjugate gradients in float32 met curvature of -1.1 float32 eps * lambda_max
+# (measured on a tiny Llama whose V spans seven decades); ten times that leaves a margin.
+ROUNDING = 10 * torch.finfo(torch.float32).eps
+
+
 def _lowest_curvature(
     matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, start_product: torch.Tensor,
     max_steps: int, shift: float,
@@ -274,8 +281,8 @@ def _lowest_curvature(
 
     Returns:
         ``(lowest, highest, products)``: the extreme Ritz values and the products with A taken after the given one.
-        Stops as soon as ``lowest < -(shift + eps * |highest|)``: A + shift I has negative curvature beyond
-        rounding (``eps`` of the dtype).
+        Stops as soon as ``lowest < -(shift + ROUNDING * |highest|)``: A + shift I has negative curvature beyond
+        rounding.
     """
     eps, norm = torch.finfo(start.dtype).eps, start.norm()
     basis, product = [start / norm], start_product / norm
@@ -292,7 +299,7 @@ def _lowest_curvature(
             tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
         ritz = torch.linalg.eigvalsh(tridiagonal)
         lowest, highest = ritz[0].item(), ritz[-1].item()
-        if lowest < -(shift + eps * abs(highest)) or step == max_steps:
+        if lowest < -(shift + ROUNDING * abs(highest)) or step == max_steps:
             break
         residual = product - diagonal[-1] * basis[-1] - (offdiagonal[-1] * basis[-2] if offdiagonal else 0)
         for _ in range(2):
@@ -352,7 +359,8 @@ def critical_alpha(
     conjugate-gradient solve of ``(V + shift I) z = J q`` and one V v. ``shift = damping * tr(V) / P``, with
     tr(V) / P estimated from one random probe, keeps the solves well posed when V is singular in some directions
     (e.g. LoRA's rescaling symmetry A -> cA, B -> B / c, along which J vanishes too); it can only lower the
-    eigenvalues, by a relative amount of order ``damping`` when V is well conditioned.
+    eigenvalues, by a relative amount of order ``damping`` when V is well conditioned. With ``damping > 0`` the shift
+    is at least the products' rounding, ``ROUNDING * lambda_max(V)``, below which curvature is noise.
 
     Before the solves, up to ``curvature_check_steps`` Lanczos steps on V from the same random probe look for
     negative curvature and raise ``NotAMinimumError`` as soon as they find it (typically within 10 products at a
@@ -375,7 +383,8 @@ def critical_alpha(
         prior_curvature: curvature ``c`` of a Gaussian prior ``c / 2 ||theta||^2`` in the objective theta minimises
             (``prior_weight / prior_std^2`` of training): ``c I`` is added to V. In a split theta_k = theta + d_k the
             prior contributes exactly ``c sum_k pi_k ||d_k||^2 / 2`` and nothing to the scores, so J is unchanged.
-        curvature_check_steps: most Lanczos steps on V before the solves (0 to skip; skipped for Gauss-Newton).
+        curvature_check_steps: most Lanczos steps on V before the solves (0 to skip); they also estimate
+            lambda_max(V) for the rounding floor of the shift.
         seed: seeds the random start vector.
         progress: show a tqdm bar over Lanczos steps.
 
@@ -422,11 +431,13 @@ def critical_alpha(
                                f"{mean_curvature.item():.3g} <= 0", mean_curvature.item(), products)
     shift = damping * mean_curvature.item()
     lowest = highest = math.nan
-    if curvature == "exact" and curvature_check_steps > 0:
+    if curvature_check_steps > 0:
         lowest, highest, _ = _lowest_curvature(hessian, start, start_product, curvature_check_steps, shift)
-        if lowest < -(shift + eps * abs(highest)):
+        if lowest < -(shift + ROUNDING * abs(highest)):
             raise NotAMinimumError(f"{NOT_A_MINIMUM}: V has curvature {lowest:.3g} along a direction found by Lanczos "
                                    "on V", lowest, products, highest)
+        if damping > 0:
+            shift = max(shift, ROUNDING * abs(highest))
 
     def damped_hessian(vector: torch.Tensor) -> torch.Tensor:
         return hessian(vector) + shift * vector
