@@ -9,8 +9,10 @@ B ``LETTERS[2i + 1]``), every prompt in both groups, so the data conflict 50/50 
 - rank 2 cannot serve six questions' twelve letters at once: misspecified, alpha* well below 1.
 
 For each rank the script (a) fits one adapter (K = 1) to a minimum of mean NLL plus the training prior (full-batch
-Adam, then L-BFGS), (b) estimates alpha* there with ``renyi_lora.critical.estimate_critical_alpha`` and (c) trains
-K = 2 ensembles with ``RenyiTrainer`` over a sweep of alpha:
+Adam, then L-BFGS in float64: the sweep below starts from these tensors, so the script fits them itself; on an adapter
+you trained, ``renyi-lora critical-alpha`` runs that L-BFGS step for you), (b) estimates alpha* there with
+``renyi_lora.critical.estimate_critical_alpha`` (``refine=False``: the point is already the fit) and (c) trains K = 2
+ensembles with ``RenyiTrainer`` over a sweep of alpha:
 
 - from the fit: both members at the fitted adapter plus relative noise 1e-3, 600 Adam steps at 1e-4 (the local
   question alpha* answers: does the perturbation grow or decay?). At 3e-3 Adam's steps of about the learning rate in
@@ -229,9 +231,10 @@ def critical_alpha_at_fit(dataset: TokenizedDataset, tokenizer, rank: int, prior
     folder = workdir / f"single_rank{rank}"
     ensemble.save_pretrained(folder)
     fitted = {name: value.detach().clone() for name, value in ensemble.named_parameters() if "lora_" in name}
-    result = estimate_critical_alpha(
+    result = estimate_critical_alpha(  # refine=False: alpha* at exactly the tensors the sweep starts from
         make_model(len(tokenizer), seed), tokenizer, dataset, folder, max_examples=None, batch_size=len(dataset),
-        prior_weight=prior_weight, dtype=torch.float64, seed=seed, progress=False, num_eigenvalues=1, tol=1e-3,
+        prior_weight=prior_weight, refine=False, dtype=torch.float64, seed=seed, progress=False, num_eigenvalues=1,
+        tol=1e-3,
     )
     return result, gradient_norm, fitted
 
