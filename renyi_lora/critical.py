@@ -35,12 +35,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from renyi_lora.curvature import OutputLoglik, Params
 from renyi_lora.data import SFTCollator, TokenizedDataset, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import DEFAULT_MODEL, check_model_exists, load_tokenizer, resolve_model_path
 from renyi_lora.refine import RefineResult, refine_point
-from renyi_lora.stability import NotAMinimumError, OutputLoglik, Params, StabilityResult, critical_alpha
+from renyi_lora.stability import NotAMinimumError, StabilityResult, critical_alpha
 
 WELL_SPECIFIED = 0.01  # |alpha* - 1| below this reads as the well-specified boundary (DESIGN.md section 2)
 NOT_FITTED = ("no adapters given: the point is the base model (a fresh adapter with B = 0), which is not a fitted "
@@ -72,8 +73,9 @@ class CriticalAlphaArguments:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Modules the fresh "
                                       "adapter adapts (only without --adapters)."})
     refine: bool = field(default=True, metadata={"help": "First refine the adapter to a minimum of its training "
-                         "objective (mean NLL + prior, on the same examples) by full-batch L-BFGS; --refine false to "
-                         "take it as saved. Not done without --adapters (the point is then the base model)."})
+                         "objective (mean NLL + prior, on the same examples) by full-batch L-BFGS; --refine false (or "
+                         "--no_refine) to take it as saved. Not done without --adapters (the point is then the base "
+                         "model)."})
     refine_steps: int = field(default=500, metadata={"help": "Most L-BFGS iterations of the refinement."})
     refine_tolerance: float = field(default=1e-5, metadata={"help": "The refinement stops once the gradient norm "
                                     "of the objective is at most this, or earlier where no line search can lower the "
@@ -82,7 +84,7 @@ class CriticalAlphaArguments:
                                        "folder) here."})
     curvature: Literal["exact", "gauss-newton"] = field(default="exact", metadata={"help": "V: 'exact' (Hessian of the "
                                                         "mean NLL) or 'gauss-newton' (positive semi-definite anywhere; "
-                                                        "close to exact at a minimum)."})
+                                                        "close to exact at a well-specified minimum)."})
     num_eigenvalues: int = field(default=3, metadata={"help": "How many top eigenvalues of J x = lambda V x to find."})
     max_iter: int = field(default=50, metadata={"help": "Most Lanczos steps."})
     tol: float = field(default=1e-3, metadata={"help": "Relative Ritz-residual tolerance of the eigenvalues."})

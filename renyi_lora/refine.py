@@ -10,7 +10,7 @@ The objective is what a K = 1 ensemble is trained on (DESIGN.md section 2),
     mean_i -loglik_fn(params, batch)_i + prior_curvature / 2 * ||params||^2,
 
 with ``prior_curvature = prior_weight / prior_std^2``: the Gaussian prior N(0, prior_std^2 I) of training, centred
-at zero. ``loglik_fn`` is the per-example log-likelihood ``[N]`` of ``stability`` (a pure function of ``params``).
+at zero. ``loglik_fn`` is the per-example log-likelihood ``[N]`` of ``curvature`` (a pure function of ``params``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from renyi_lora.stability import LoglikFn, Params
+from renyi_lora.curvature import LoglikFn, Params
 
 
 @dataclass

@@ -13,21 +13,16 @@ positive semi-definite, and members separate above
 
 Well specified (V = J) gives alpha* = 1; misspecification can make J exceed V in some direction, so alpha* < 1.
 
-Nothing here forms V or J. The model is given functionally, ``loglik_fn(params, batch) -> [N]``, a pure function
-of ``params`` (call ``torch.func.functional_call`` inside when wrapping an ``nn.Module``), so that ``torch.func``
-can take products: J v by a forward-mode jvp of the log-likelihood vector (G v, [N]) then a vjp (G^T u, [P]); V v by
-a jvp of the gradient (forward-over-reverse). ``critical_alpha`` runs Lanczos on V^{-1} J, which is self-adjoint in
-the V inner product <x, y>_V = x^T V y, solving V z = J q by conjugate gradients. P is the number of numbers in
-``params``; every vector is either a params-shaped dict or, inside the solver, one flat tensor [P].
+Nothing here forms V or J: the products come from ``curvature`` (``loglik_fn(params, batch) -> [N]``, a pure
+function of ``params``). ``critical_alpha`` runs Lanczos on V^{-1} J, which is self-adjoint in the V inner product
+<x, y>_V = x^T V y, solving V z = J q by conjugate gradients. P is the number of numbers in ``params``; every vector
+is either a params-shaped dict or, inside the solver, one flat tensor [P].
 
 V is positive semi-definite only at a minimum. Before the solves, a few Lanczos steps on V itself look for a
 direction of negative curvature (Lanczos finds the extreme eigenvalues of V first), so a point that is not a minimum
-is refused after a handful of products instead of somewhere inside the conjugate-gradient solves. The Gauss-Newton
-curvature (``curvature="gauss-newton"``) replaces V by G = mean_i J_i^T (-Hessian of the log-likelihood in the
-model's outputs) J_i, J_i the Jacobian of example i's outputs (e.g. its logits): positive semi-definite everywhere
-for a log-softmax likelihood, equal to the Fisher information of the model's own predictive, and equal to V where
-the residual term mean_i sum_o (d log p_i / d z_o) Hessian z_o vanishes (outputs linear in theta, or residuals that
-average out at a minimum).
+is refused after a handful of products instead of somewhere inside the conjugate-gradient solves. With
+``curvature="gauss-newton"`` the Gauss-Newton matrix G (``curvature.gauss_newton_vector_product``) stands in for V:
+positive semi-definite everywhere, and close to V at a minimum where the model's residuals average out.
 """
 
 from __future__ import annotations
@@ -36,15 +31,19 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from torch.func import grad, jvp, vjp
 from tqdm.auto import tqdm
 
-Params = dict[str, torch.Tensor]
-LoglikFn = Callable[[Params, Any], torch.Tensor]
+from renyi_lora.curvature import (
+    LoglikFn,
+    OutputLoglik,
+    Params,
+    fisher_vector_product,
+    gauss_newton_vector_product,
+    hessian_vector_product,
+)
 
 NOT_A_MINIMUM = (
     "theta is not a minimum of the NLL; refine or train the single adapter to a minimum first, or use "
@@ -74,135 +73,6 @@ class NotAMinimumError(ValueError):
         details += [f"largest curvature found {self.largest:.3g}"] if math.isfinite(self.largest) else []
         text = f"{self.message} ({'; '.join(details)})" if details else self.message
         return f"{text}\n{self.hint}" if self.hint else text
-
-
-@dataclass(frozen=True)
-class OutputLoglik:
-    """A log-likelihood that goes through the model's outputs: ``loglik(params, batch) = head(outputs(params, batch),
-    batch)``, the form the Gauss-Newton curvature needs (any callable works for the exact one).
-
-    Attributes:
-        outputs: ``(params, batch) -> z``, the model's outputs, e.g. logits ``[N, T, V]``.
-        head: ``(z, batch) -> [N]``, per-example log-likelihoods from the outputs; concave in ``z`` (a log-softmax
-            of logits is) for the Gauss-Newton matrix to be positive semi-definite.
-    """
-
-    outputs: Callable[[Params, Any], torch.Tensor]
-    head: Callable[[torch.Tensor, Any], torch.Tensor]
-
-    def __call__(self, params: Params, batch: Any) -> torch.Tensor:
-        return self.head(self.outputs(params, batch), batch)
-
-
-def _loglik(loglik_fn: LoglikFn, params: Params, batch: Any) -> torch.Tensor:
-    """``loglik_fn(params, batch)``, checked to be the per-example vector ``[N]``."""
-    try:
-        loglik = loglik_fn(params, batch)
-    except NotImplementedError as error:  # e.g. SDPA attention kernels have no forward-mode derivative
-        raise NotImplementedError(f"{error}\nloglik_fn must support torch.func.jvp; for Hugging Face models load "
-                                  "with attn_implementation='eager'") from error
-    if loglik.dim() != 1:
-        raise ValueError(f"loglik_fn must return per-example log-likelihoods of shape [N]; got {tuple(loglik.shape)}")
-    return loglik
-
-
-def _fisher_vector_batch(loglik_fn: LoglikFn, params: Params, batch: Any, vector: Params) -> tuple[Params, int]:
-    """``(sum_i g_i (g_i . v), N)`` over one batch: G v by forward mode, then G^T (G v) by reverse mode."""
-
-    batch_loglik = partial(_loglik, loglik_fn, batch=batch)
-    _, scores_dot_v = jvp(batch_loglik, (params,), (vector,))  # [N]
-    _, pullback = vjp(batch_loglik, params)
-    (product,) = pullback(scores_dot_v.detach())
-    return product, scores_dot_v.shape[0]
-
-
-def _hessian_vector_batch(loglik_fn: LoglikFn, params: Params, batch: Any, vector: Params) -> tuple[Params, int]:
-    """``(Hessian of sum_i log p_i times v, N)`` over one batch (a jvp of the gradient)."""
-
-    def total_loglik(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
-        loglik = _loglik(loglik_fn, p, batch)
-        return loglik.sum(), loglik
-
-    _, product, loglik = jvp(grad(total_loglik, has_aux=True), (params,), (vector,), has_aux=True)
-    return product, loglik.shape[0]
-
-
-def _gauss_newton_vector_batch(loglik_fn: OutputLoglik, params: Params, batch: Any, vector: Params
-                               ) -> tuple[Params, int]:
-    """``(sum_i J_i^T Hessian_z(log p_i) J_i v, N)`` over one batch: J v by forward mode through the model, the
-    Hessian of the head in the outputs by forward-over-reverse on the head alone, then J^T by reverse mode."""
-
-    def outputs(p: Params) -> torch.Tensor:
-        return loglik_fn.outputs(p, batch)
-
-    def head_total(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loglik = loglik_fn.head(z, batch)
-        if loglik.dim() != 1:
-            raise ValueError(f"head must return per-example log-likelihoods of shape [N]; got {tuple(loglik.shape)}")
-        return loglik.sum(), loglik
-
-    value, outputs_dot_v = jvp(outputs, (params,), (vector,))  # z and J v, each like the outputs
-    _, curved, loglik = jvp(grad(head_total, has_aux=True), (value.detach(),), (outputs_dot_v,), has_aux=True)
-    _, pullback = vjp(outputs, params)
-    (product,) = pullback(curved.detach())
-    return product, loglik.shape[0]
-
-
-def _mean_over_batches(
-    batch_product: Callable, loglik_fn: LoglikFn, params: Params, batches: Iterable, vector: Params
-) -> Params:
-    """Sum a per-batch product over the data set and divide by the number of examples."""
-    total, count = {name: torch.zeros_like(value) for name, value in params.items()}, 0
-    for batch in batches:
-        product, size = batch_product(loglik_fn, params, batch, vector)
-        count += size
-        for name in total:
-            total[name] += product[name]
-    if count == 0:
-        raise ValueError("batches is empty: the data set must contain at least one example")
-    return {name: value / count for name, value in total.items()}
-
-
-def fisher_vector_product(loglik_fn: LoglikFn, params: Params, batches: Iterable, vector: Params) -> Params:
-    """Empirical Fisher times a vector, ``J v = mean_i g_i (g_i . v)``, with no per-example gradients.
-
-    Args:
-        loglik_fn: ``(params, batch) -> [N]`` per-example log-likelihoods, a pure function of ``params``.
-        params: theta, name -> tensor (P numbers in all).
-        batches: the data set; must be re-iterable (a list or a DataLoader). Examples are weighted equally, so
-            batches of different sizes are weighted by their size.
-        vector: v, the same names and shapes as ``params``.
-
-    Returns:
-        ``J v``, the same names and shapes as ``params``.
-    """
-    return _mean_over_batches(_fisher_vector_batch, loglik_fn, params, batches, vector)
-
-
-def hessian_vector_product(loglik_fn: LoglikFn, params: Params, batches: Iterable, vector: Params) -> Params:
-    """Observed information times a vector, ``V v = Hessian(mean_i -log p_i) v`` (forward-over-reverse).
-
-    Args and returns as in ``fisher_vector_product``.
-    """
-    product = _mean_over_batches(_hessian_vector_batch, loglik_fn, params, batches, vector)
-    return {name: -value for name, value in product.items()}
-
-
-def gauss_newton_vector_product(loglik_fn: OutputLoglik, params: Params, batches: Iterable, vector: Params) -> Params:
-    """Generalised Gauss-Newton matrix times a vector, ``G v = mean_i J_i^T (-Hessian_z log p_i) J_i v``.
-
-    ``J_i`` is the Jacobian of example i's outputs ``z`` (``loglik_fn.outputs``) in ``params``. G is V without its
-    residual term: positive semi-definite at every theta when the head is concave in ``z``; for a softmax likelihood
-    the Hessian in the logits is ``-(diag p - p p^T)`` per target token, so G is the Fisher information of the
-    model's own predictive. One product costs two forward passes (forward mode, then reverse mode) and one backward.
-
-    Args and returns as in ``fisher_vector_product``; ``loglik_fn`` must be an ``OutputLoglik``.
-    """
-    if not isinstance(loglik_fn, OutputLoglik):
-        raise TypeError("the Gauss-Newton product needs loglik_fn as OutputLoglik(outputs, head): the outputs it "
-                        f"linearises (e.g. logits) and the log-likelihood of them; got {type(loglik_fn).__name__}")
-    product = _mean_over_batches(_gauss_newton_vector_batch, loglik_fn, params, batches, vector)
-    return {name: -value for name, value in product.items()}
 
 
 @dataclass

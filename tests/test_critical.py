@@ -21,10 +21,11 @@ from renyi_lora.critical import (
     make_batches,
     member_params,
 )
+from renyi_lora.curvature import OutputLoglik
 from renyi_lora.data import load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.refine import refine_point
-from renyi_lora.stability import NotAMinimumError, OutputLoglik
+from renyi_lora.stability import NotAMinimumError
 
 example = load_example("critical_alpha_lm")
 

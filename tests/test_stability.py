@@ -11,14 +11,13 @@ import torch
 from conftest import load_example
 from torch.func import functional_call
 
-from renyi_lora.stability import (
-    NotAMinimumError,
+from renyi_lora.curvature import (
     OutputLoglik,
-    critical_alpha,
     fisher_vector_product,
     gauss_newton_vector_product,
     hessian_vector_product,
 )
+from renyi_lora.stability import NotAMinimumError, critical_alpha
 
 toy = load_example("toy_critical_alpha")
 
@@ -266,7 +265,7 @@ def test_gauss_newton_is_the_hessian_when_the_outputs_are_linear(logistic):
 
 def test_gauss_newton_is_positive_semi_definite_where_the_hessian_is_not():
     # A tanh network with a softmax over 5 classes at a random theta (not a minimum): G equals the dense
-    # J_z^T (diag p - p p^T) J_z, has no negative eigenvalue, while V has a clearly negative one.
+    # D^T (diag p - p p^T) D (D the Jacobian of the logits), has no negative eigenvalue; V has a clearly negative one.
     generator = torch.Generator().manual_seed(3)
     features = torch.randn(30, 4, generator=generator, dtype=DTYPE)
     labels = torch.randint(0, 5, (30,), generator=generator)
