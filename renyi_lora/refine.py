@@ -74,7 +74,7 @@ def refine_point(
     batches: Iterable,
     *,
     prior_curvature: float = 0.0,
-    max_steps: int = 200,
+    max_steps: int = 500,
     tolerance: float = 1e-5,
     history_size: int = 20,
     progress: bool = False,
@@ -122,6 +122,8 @@ def refine_point(
         if count == 0:
             raise ValueError("batches is empty: the data set must contain at least one example")
         for leaf in leaves:
+            if leaf.grad is None:  # a tensor the log-likelihood does not use
+                leaf.grad = torch.zeros_like(leaf)
             leaf.grad /= count
             leaf.grad += prior_curvature * leaf.detach()
         objective = total.item() / count + 0.5 * prior_curvature * sum(leaf.pow(2).sum().item() for leaf in leaves)
