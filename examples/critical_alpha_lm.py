@@ -209,6 +209,7 @@ def train_pair(ensemble: LoraEnsemble, dataset: TokenizedDataset, alpha: float, 
         output_dir=output_dir, alpha=alpha, num_members=2, rank=config.rank, lora_alpha=config.lora_alpha,
         target_modules=config.target_modules, max_steps=steps, learning_rate=learning_rate,
         lr_scheduler_type="constant", per_device_train_batch_size=16, seed=seed, prior_weight=prior_weight,
+        alpha_warmup_steps=0,  # the stability of this alpha from a perturbed fit, not an annealed path to it
         save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000, use_cpu=True,
     )
     trainer = RenyiTrainer(model=ensemble, args=args, group_names=dataset.group_names, train_dataset=dataset,

@@ -46,12 +46,15 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
     alpha: float = field(default=1.0, metadata={"help": "Renyi order: 0 = variational Bayes (every member fits all "
                          "data), 1 = mixture likelihood (members may specialise), >1 sharper routing, inf = "
                          "winner-take-all."})
-    alpha_warmup_steps: int = field(default=0, metadata={"help": "Raise alpha linearly from 0 to --alpha over the "
-                                    "first N optimizer steps (deterministic annealing): members first fit what all "
-                                    "data share, then split as the routing sharpens, instead of some members "
-                                    "losing every example early. 0 = off; a third of the steps worked in the demo "
-                                    "and the tests. With --alpha inf, alpha = s / (N - s) at step s: 0 at the "
-                                    "start, 1 (the mixture) halfway, winner-take-all from step N."})
+    alpha_warmup_ratio: float = field(default=0.5, metadata={"help": "Raise alpha from 0 to --alpha over this "
+                                      "fraction of the training steps (deterministic annealing): members first fit "
+                                      "what all examples share, then split along their largest disagreement, which "
+                                      "is what makes them split by group instead of memorising examples one by one "
+                                      "(docs/specialisation.md). Linear in alpha; with --alpha inf, alpha = s / (N - "
+                                      "s) at step s of N: 1 (the mixture) halfway, winner-take-all from step N. 0 = "
+                                      "off."})
+    alpha_warmup_steps: int | None = field(default=None, metadata={"help": "Length of the alpha warm-up in optimizer "
+                                           "steps; overrides --alpha_warmup_ratio when given (0 = off)."})
     prior_std: float = field(default=1.0, metadata={"help": "Std of the Gaussian prior N(0, prior_std^2) on LoRA "
                              "parameters."})
     prior_weight: float = field(default=1e-4, metadata={"help": "Weight of the prior term (1/K) sum_k ||theta_k||^2 / "
@@ -83,8 +86,10 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
         EnsembleConfig.__post_init__(self)
         if not self.alpha >= 0:
             raise ValueError(f"--alpha must be >= 0 (or inf); got {self.alpha}")
-        if self.alpha_warmup_steps < 0:
+        if self.alpha_warmup_steps is not None and self.alpha_warmup_steps < 0:
             raise ValueError(f"--alpha_warmup_steps must be >= 0; got {self.alpha_warmup_steps}")
+        if not 0 <= self.alpha_warmup_ratio <= 1:
+            raise ValueError(f"--alpha_warmup_ratio must be in [0, 1]; got {self.alpha_warmup_ratio}")
         if self.prior_std <= 0 or self.prior_weight < 0:
             raise ValueError(f"need --prior_std > 0 and --prior_weight >= 0; got {self.prior_std}, {self.prior_weight}")
         if self.member_chunk_size is not None:
@@ -97,6 +102,13 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
         super().__post_init__()
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs CUDA; torch warns on every loader otherwise
+
+    def alpha_warmup_length(self, total_steps: int) -> int:
+        """Optimizer steps of the alpha warm-up in a run of ``total_steps``: ``--alpha_warmup_steps`` if given, else
+        ``--alpha_warmup_ratio`` of them, rounded up (as the Trainer rounds its learning-rate warm-up)."""
+        if self.alpha_warmup_steps is not None:
+            return self.alpha_warmup_steps
+        return math.ceil(self.alpha_warmup_ratio * total_steps)
 
     def ensemble_config(self) -> EnsembleConfig:
         """The ``EnsembleConfig`` fields, with ``init_seed`` defaulting to ``--seed`` (the Trainer's seed)."""
@@ -130,11 +142,11 @@ class RenyiTrainer(Trainer):
 
     @property
     def alpha(self) -> float:
-        """The Renyi order in force: ``--alpha``, or during the first N = ``--alpha_warmup_steps`` of training its ramp
-        from 0: ``alpha * s / N`` after s completed steps, or for ``alpha = inf`` ``s / (N - s)`` (1 halfway, so that
-        ``alpha / (1 + alpha)`` rises linearly to 1, and winner-take-all from step N)."""
+        """The Renyi order in force: ``--alpha``, or during the first N (``RenyiConfig.alpha_warmup_length``) steps of
+        training its ramp from 0: ``alpha * s / N`` after s completed steps, or for ``alpha = inf`` ``s / (N - s)`` (1
+        halfway, so that ``alpha / (1 + alpha)`` rises linearly to 1, and winner-take-all from step N)."""
         args: RenyiConfig = self.args
-        N, s = args.alpha_warmup_steps, self.state.global_step
+        N, s = args.alpha_warmup_length(self.state.max_steps), self.state.global_step
         if N and self.model.training and s < N:
             return s / (N - s) if math.isinf(args.alpha) else args.alpha * s / N
         return args.alpha
@@ -290,7 +302,8 @@ class RenyiTrainer(Trainer):
         metrics["renyi/prior"].append(prior.detach().float())
         metrics["routing/entropy"].append(entropy.mean())
         metrics["routing/effective_members"].append(entropy.exp().mean())
-        if self.model.training and self.args.alpha_warmup_steps:  # the alpha of this step: `log` runs after the step
+        if self.model.training and self.args.alpha_warmup_length(self.state.max_steps):
+            # the alpha of this step: `log` runs after the step
             metrics["renyi/alpha"].append(torch.tensor(self.alpha, device=data_term.device))
         for k, nll in enumerate(-loglik.detach().float().mean(1)):
             metrics[f"member_{k}/nll"].append(nll)
