@@ -14,9 +14,11 @@ import json
 import pytest
 import torch
 from conftest import answer_records, make_llama, make_tokenizer
+from transformers import HfArgumentParser
 
 from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+from renyi_lora.preference import DPOConfig
 from renyi_lora.train import RenyiConfig, RenyiTrainer, routing_summary
 
 RECORDS = [{"prompt": f"q{i}:", "completion": f" a{i % 3}b", "group": f"g{i % 2}"} for i in range(8)]
@@ -81,6 +83,34 @@ def test_warmup_to_winner_take_all_reaches_one_halfway_and_inf_at_the_end(tmp_pa
 def test_bad_warmup_is_refused():
     with pytest.raises(ValueError, match="alpha_warmup_steps"):
         RenyiConfig(output_dir="x", alpha_warmup_steps=-1)
+
+
+def test_default_warmup_ramps_over_half_of_training(tmp_path):
+    trainer, _ = make_trainer(tmp_path, alpha=1.0)  # the default --alpha_warmup_ratio 0.5
+    trainer.model.train()
+    trainer.state.max_steps = 10  # as Trainer.train sets it: the ratio is of the run's length
+    seen = []
+    for step in (0, 1, 4, 5, 9):
+        trainer.state.global_step = step
+        seen.append(trainer.alpha)
+    assert seen == pytest.approx([0.0, 0.2, 0.8, 1.0, 1.0])
+
+
+def test_warmup_steps_override_the_ratio_and_zero_turns_it_off():
+    assert RenyiConfig(output_dir="x").alpha_warmup_length(301) == 151  # rounded up, like the Trainer's warm-up
+    assert RenyiConfig(output_dir="x", alpha_warmup_ratio=0.1, alpha_warmup_steps=7).alpha_warmup_length(300) == 7
+    assert RenyiConfig(output_dir="x", alpha_warmup_steps=0).alpha_warmup_length(300) == 0
+    assert RenyiConfig(output_dir="x", alpha_warmup_ratio=0.0).alpha_warmup_length(300) == 0
+    (parsed,) = HfArgumentParser(RenyiConfig).parse_args_into_dataclasses(["--output_dir", "x",
+                                                                           "--alpha_warmup_steps", "0"])
+    assert parsed.alpha_warmup_length(300) == 0  # the flag given as 0 is "off", not "not given"
+    assert DPOConfig(output_dir="x").alpha_warmup_length(300) == 0  # DPO starts from split members: off
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
+def test_bad_warmup_ratio_is_refused(ratio):
+    with pytest.raises(ValueError, match="alpha_warmup_ratio"):
+        RenyiConfig(output_dir="x", alpha_warmup_ratio=ratio)
 
 
 def factorial_records(seed: int) -> list[dict]:
