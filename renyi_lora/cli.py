@@ -40,6 +40,7 @@ def sft(argv: list[str]) -> None:
     model_args, data_args, config = _parse("sft", (ModelArguments, DataArguments, RenyiConfig), argv)
     summary = run_sft(model_args, data_args, config)
     _print_routing(summary)
+    _end_processes()
 
 
 @command("dpo", "Train an ensemble by preference optimisation (alpha-Renyi DPO, one shared reference forward).")
@@ -50,6 +51,7 @@ def dpo(argv: list[str]) -> None:
     model_args, data_args, config = _parse("dpo", (ModelArguments, DataArguments, DPOConfig), argv)
     summary = run_dpo(model_args, data_args, config)
     _print_routing(summary)
+    _end_processes()
 
 
 @command("eval", "Multiple-choice evaluation: calibration, uncertainty and routing of the mixture, members, groups.")
@@ -89,6 +91,16 @@ def critical_alpha(argv: list[str]) -> None:
     print(report(result))
     if args.output:
         print(f"wrote {args.output}")
+
+
+def _end_processes() -> None:
+    """Under torchrun: wait for every process, then tear the process group down before the interpreter exits (left to
+    interpreter shutdown, its threads were seen to abort a process that finished first: SIGABRT, exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _print_routing(summary: dict) -> None:
