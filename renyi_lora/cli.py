@@ -26,31 +26,53 @@ def command(name: str, summary: str):
 
 def _parse(prog: str, types: tuple, argv: list[str]):
     parser = HfArgumentParser(types, prog=f"renyi-lora {prog}")
+    _group_flags(parser, types)
     try:
         return parser.parse_args_into_dataclasses(argv)
     except (ValueError, FileNotFoundError) as error:  # raised by the dataclasses' __post_init__ checks
         parser.error(str(error))
 
 
+def _group_flags(parser: HfArgumentParser, types: tuple) -> None:
+    """``--help`` lists renyi-lora's own flags first, then the Trainer's (``TrainingArguments``) in a group of their
+    own, instead of one list where ``--num_members`` and ``--alpha`` come after ``--local_rank``."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    if not any(issubclass(t, TrainingArguments) for t in types):
+        return
+    trainer_flags = {f.name for f in fields(TrainingArguments)}
+    ours = parser.add_argument_group("renyi-lora: the model, the data, the ensemble and the objective")
+    theirs = parser.add_argument_group("transformers.TrainingArguments: the Trainer's own flags (as in TRL)")
+    for action in list(parser._actions):
+        if action.dest == "help":
+            continue
+        for group in parser._action_groups:
+            if action in group._group_actions:
+                group._group_actions.remove(action)
+        (theirs if action.dest in trainer_flags else ours)._group_actions.append(action)
+    rest = [g for g in parser._action_groups if g not in (ours, theirs) and g._group_actions]
+    parser._action_groups[:] = [*rest, ours, theirs]
+
+
 @command("sft", "Train an ensemble of LoRA members by supervised fine-tuning with the alpha-Renyi objective.")
 def sft(argv: list[str]) -> None:
-    from renyi_lora.recipes import DataArguments, ModelArguments, run_sft
-    from renyi_lora.train import RenyiConfig
+    from renyi_lora.commands.train import DataArguments, TrainModelArguments, print_routing, run_sft
+    from renyi_lora.config import RenyiConfig
 
-    model_args, data_args, config = _parse("sft", (ModelArguments, DataArguments, RenyiConfig), argv)
-    summary = run_sft(model_args, data_args, config)
-    _print_routing(summary)
+    model_args, data_args, config = _parse("sft", (TrainModelArguments, DataArguments, RenyiConfig), argv)
+    print_routing(run_sft(model_args, data_args, config, argv))
     _end_processes()
 
 
 @command("dpo", "Train an ensemble by preference optimisation (alpha-Renyi DPO, one shared reference forward).")
 def dpo(argv: list[str]) -> None:
+    from renyi_lora.commands.train import DataArguments, TrainModelArguments, print_routing, run_dpo
     from renyi_lora.preference import DPOConfig
-    from renyi_lora.recipes import DataArguments, ModelArguments, run_dpo
 
-    model_args, data_args, config = _parse("dpo", (ModelArguments, DataArguments, DPOConfig), argv)
-    summary = run_dpo(model_args, data_args, config)
-    _print_routing(summary)
+    model_args, data_args, config = _parse("dpo", (TrainModelArguments, DataArguments, DPOConfig), argv)
+    print_routing(run_dpo(model_args, data_args, config, argv))
     _end_processes()
 
 
@@ -62,13 +84,11 @@ def evaluate(argv: list[str]) -> None:
     print_results(run_eval(args))
     if args.output:
         print(f"\nwrote {args.output} and, next to it, the plots and the report")
-    if args.output:
-        print(f"\nwrote {args.output} and, next to it, the plots and the report")
 
 
 @command("generate", "Generate from the ensemble (mixture, each member, or a sampled member) with per-token MI.")
 def generate(argv: list[str]) -> None:
-    from renyi_lora.generate import GenerateArguments, format_results, run_generate
+    from renyi_lora.commands.generate import GenerateArguments, format_results, run_generate
 
     (args,) = _parse("generate", (GenerateArguments,), argv)
     print(format_results(run_generate(args), args.members))
@@ -84,7 +104,7 @@ def demo(argv: list[str]) -> None:
 
 @command("critical-alpha", "Estimate alpha*, above which members separate, at one trained adapter on a data set.")
 def critical_alpha(argv: list[str]) -> None:
-    from renyi_lora.critical import CriticalAlphaArguments, report, run_critical_alpha
+    from renyi_lora.commands.critical_alpha import CriticalAlphaArguments, report, run_critical_alpha
 
     (args,) = _parse("critical-alpha", (CriticalAlphaArguments,), argv)
     result, _ = run_critical_alpha(args)
@@ -103,16 +123,6 @@ def _end_processes() -> None:
         dist.destroy_process_group()
 
 
-def _print_routing(summary: dict) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process returns the summary; print it once
-        return
-    print("\nrouting over the training set (mean responsibility of each member):")
-    for group, row in summary["routing"].items():
-        nll = summary["member_group_nll"][group]
-        cells = "  ".join(f"{w:5.2f} (nll {n:6.2f})" for w, n in zip(row, nll, strict=True))
-        print(f"  {group:>16}: {cells}")
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -121,14 +131,17 @@ def main(argv: list[str] | None = None) -> None:
         lines = [f"  {name:<16}{summary}" for name, (summary, _) in COMMANDS.items()]
         print("usage: renyi-lora <command> [--help] [flags]\n\ncommands:\n" + "\n".join(lines))
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    from renyi_lora.model_card import PushError
+
     try:
         COMMANDS[argv[0]][1](argv[1:])
-    except (FileNotFoundError, ValueError, FloatingPointError) as error:
-        # DataError is a ValueError (bad input: exit 2); NonFiniteError a FloatingPointError (exit 1). One line each.
+    except (FileNotFoundError, ValueError, FloatingPointError, PushError) as error:
+        # DataError is a ValueError (bad input: exit 2); NonFiniteError a FloatingPointError and PushError (a failed
+        # upload to the Hub, after the outputs were written) exit 1. One line each.
         if os.environ.get("RENYI_LORA_DEBUG"):
             raise
         print(f"renyi-lora {argv[0]}: error: {error}", file=sys.stderr)
-        sys.exit(1 if isinstance(error, FloatingPointError) else 2)
+        sys.exit(1 if isinstance(error, (FloatingPointError, PushError)) else 2)
 
 
 if __name__ == "__main__":

@@ -14,70 +14,15 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from renyi_lora.likelihoods import output_head_is_plain, token_logliks
-
-
-@dataclass
-class EnsembleConfig:
-    """Shape of the ensemble; every field is a CLI flag of ``renyi-lora sft`` / ``dpo``."""
-
-    num_members: int = field(default=4, metadata={"help": "K, the number of LoRA members in the ensemble."})
-    rank: int = field(default=8, metadata={"help": "LoRA rank R of every member."})
-    lora_alpha: float = field(
-        default=16.0, metadata={"help": "LoRA scaling numerator: each update is scaled by lora_alpha / rank."}
-    )
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the LoRA input (0 = none)."})
-    target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"],
-        metadata={"help": "Modules to adapt: names or suffixes (q_proj v_proj ...), GPT-2 Conv1D names (c_attn ...), "
-                  "or 'all-linear' (every linear layer except the output head)."},
-    )
-    layers_to_transform: list[int] | None = field(
-        default=None, metadata={"help": "Adapt only these layer indices (PEFT's name). Layers below the first adapted "
-                                "one then run once on B rows instead of K*B (a shared trunk)."}
-    )
-    init_seed: int | None = field(
-        default=None, metadata={"help": "Seed for each member's random LoRA initialisation (its A matrices). Default: "
-                                "--seed in `renyi-lora sft` / `dpo`, 0 for an EnsembleConfig built in Python."}
-    )
-    init_lora_b_std: float = field(
-        default=0.0, metadata={"help": "Std of each member's initial LoRA B draw. 0 (PEFT's rule): every member starts "
-                               "as the base model and members differ only where the data move them. > 0: each member "
-                               "starts from its own random function (a randomised prior, Osband et al. 2018), so "
-                               "members keep disagreeing where the data say nothing."}
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        for name, value, low in (("num_members", self.num_members, 1), ("rank", self.rank, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
-        if not self.init_lora_b_std >= 0:
-            raise ValueError(f"init_lora_b_std must be >= 0; got {self.init_lora_b_std}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0; got {self.lora_alpha}")
-        if not self.target_modules:
-            raise ValueError("target_modules is empty; give module names (q_proj v_proj) or 'all-linear'")
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.rank
-
-
-def layer_dims(layer: nn.Module) -> tuple[int, int]:
-    """``(Din, Dout)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is stored ``[Din, Dout]``)."""
-    if isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.weight.shape[1]
-    return layer.in_features, layer.out_features
+from renyi_lora import io, likelihoods
+from renyi_lora.config import EnsembleConfig, layer_dims
+from renyi_lora.likelihoods import output_head_is_plain
 
 
 class EnsembleLoraLayer(nn.Module):
@@ -203,7 +148,7 @@ class LoraEnsemble(nn.Module):
         return tuple(repeat(a, i) for i, a in enumerate(args)), {k: repeat(v) for k, v in kwargs.items()}
 
     @contextmanager
-    def _shared_trunk(self, rows: int) -> Iterator[bool]:
+    def shared_trunk(self, rows: int) -> Iterator[bool]:
         """Yields whether the trunk is shared for this forward (then the model is fed B rows, not K*B)."""
         # Under gradient checkpointing the adapted layers are recomputed during backward, outside this context,
         # where the hook could not repeat their B-row inputs: every layer then runs on K*B rows.
@@ -260,7 +205,7 @@ class LoraEnsemble(nn.Module):
         if labels is not None:
             return token_logliks(self, input_ids, attention_mask, labels)
         B, T = input_ids.shape
-        with self._shared_trunk(B) as shared:
+        with self.shared_trunk(B) as shared:
             if not shared:
                 input_ids, attention_mask = self._repeat(input_ids), self._repeat(attention_mask)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -283,11 +228,27 @@ class LoraEnsemble(nn.Module):
         """Final hidden states before the output head: ``[K, B, T, H]`` (``[1, B, T, H]`` when disabled)."""
         B, T = input_ids.shape
         K = 1 if self.is_disabled else self.active_members
-        with self._shared_trunk(B) as shared:
+        with self.shared_trunk(B) as shared:
             if K > 1 and not shared:
                 input_ids, attention_mask = self._repeat(input_ids), self._repeat(attention_mask)
             out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state.view(K, B, T, -1)  # [K, B, T, H]
+
+    def output_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, nn.Linear | None]:
+        """What the output head consumes: ``(hidden [K, B, T, H], head)``, or for a model whose logits are not
+        ``head(hidden)`` (see ``likelihoods.output_head_is_plain``) ``(logits [K, B, T, V], None)``. K is 1 when
+        disabled."""
+        if self.plain_head:
+            return self.hidden_states(input_ids, attention_mask), self.model.get_output_embeddings()
+        if self.is_disabled:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[None], None
+        return self(input_ids, attention_mask), None  # [K, B, T, V]
+
+    @property
+    def output_members(self) -> int:
+        """The leading dimension of a forward's output: the members that run, or 1 while adapters are disabled."""
+        return 1 if self.is_disabled else self.active_members
 
     @property
     def is_disabled(self) -> bool:
@@ -328,12 +289,61 @@ class LoraEnsemble(nn.Module):
 
     # Save / load / export live in renyi_lora.io; these are the conventional entry points.
     def save_pretrained(self, directory: str) -> None:
-        from renyi_lora.io import save_ensemble
-
-        save_ensemble(self, directory)
+        io.save_ensemble(self, directory)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, members: list[int] | None = None) -> LoraEnsemble:
-        from renyi_lora.io import load_ensemble
+        """Restore a saved ensemble onto ``model`` (optionally only the listed ``members``), validating shapes."""
+        config, module_names, tensors = io.read_ensemble(directory, model, members)
+        ensemble = cls(model, config, module_names)
+        io.copy_adapters(ensemble, tensors)
+        return ensemble
 
-        return load_ensemble(model, directory, members)
+
+def token_logliks(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token log-likelihoods of the targets, ``[K, B, T]`` (0 where ``labels == -100``); the leading dimension
+    is 1 under ``ensemble.adapters_disabled()`` (the base model on B rows). See ``likelihoods.token_logliks``."""
+    features, head = ensemble.output_features(input_ids, attention_mask)  # [K, B, T, H or V]
+    return likelihoods.token_logliks(features, head, labels, chunk_size)
+
+
+def sequence_logliks(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     labels: torch.Tensor, length_normalize: bool = False, chunk_size: int = 1024) -> torch.Tensor:
+    """Per-member sequence log-likelihood of the completion tokens, ``[K, B]`` (mean over tokens if
+    ``length_normalize``)."""
+    token = token_logliks(ensemble, input_ids, attention_mask, labels, chunk_size)
+    return likelihoods.sequence_loglik(token, labels, length_normalize, token.dtype)
+
+
+def load_adapter_mixture(model: nn.Module, directories: list[str], members: list[int] | None = None) -> LoraEnsemble:
+    """One ensemble from several adapter folders: saved ensembles (every member) and PEFT LoRA adapters (one
+    member each), in the order given; ``members`` then picks among the concatenated members.
+
+    Adapters trained elsewhere (e.g. K LoRAs trained independently with PEFT / TRL: a deep ensemble) are scored
+    by the same code as ours. Members may differ in rank, scaling and adapted modules: each member's scaling is
+    folded into its B, ranks are zero-padded to the largest, and a module a member does not adapt gets zeros
+    there, so every member computes exactly its own ``W x + scaling * B A x``.
+    """
+    if len(directories) == 1 and (Path(directories[0]) / io.CONFIG_NAME).is_file():
+        return LoraEnsemble.from_pretrained(model, directories[0], members)  # exact, its own config
+    found = io.read_mixture_members(model, directories, members)
+    names = sorted({name for member in found for name in member})
+    rank = max(a.shape[0] for member in found for a, _ in member.values())
+    # lora_alpha = rank: scaling 1, each member's own scaling already sits in its B.
+    config = EnsembleConfig(num_members=len(found), rank=rank, lora_alpha=float(rank), target_modules=names)
+    ensemble = LoraEnsemble(model, config, names)
+    with torch.no_grad():
+        for name, layer in ensemble.lora_layers().items():
+            layer.lora_A.zero_()
+            layer.lora_B.zero_()
+            for k, member in enumerate(found):
+                if name in member:
+                    a, b = member[name]
+                    if a.shape[1] != layer.lora_A.shape[2] or b.shape[0] != layer.lora_B.shape[1]:
+                        raise ValueError(f"member {k}: {name} has lora_A {list(a.shape)} / lora_B {list(b.shape)}, "
+                                         f"which do not fit the base layer (Din {layer.lora_A.shape[2]}, Dout "
+                                         f"{layer.lora_B.shape[1]})")
+                    layer.lora_A[k, : a.shape[0]] = a
+                    layer.lora_B[k, :, : b.shape[1]] = b
+    return ensemble

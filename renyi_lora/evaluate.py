@@ -15,20 +15,22 @@ adapters, subsets and the whole ensemble are compared by one code path.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from renyi_lora.data import DataError, MultipleChoiceItem
+from renyi_lora.inference import encode_pair, pad_right
+from renyi_lora.likelihoods import sequence_loglik
 from renyi_lora.objective import responsibilities
 from renyi_lora.ood import INPUT_SCORES, detection_aurocs, prompt_scores
+from renyi_lora.records import DataError, check_group, check_string, describe
 from renyi_lora.scoring import next_token_logliks, shared_prompt_logliks
-from renyi_lora.token_uncertainty import active_members, encode_pair, normalised_log_weights, pad_right
+from renyi_lora.sources import read_typed_records
+from renyi_lora.token_uncertainty import normalised_log_weights
 from renyi_lora.uncertainty import (
     accuracy,
     accuracy_at_coverage,
@@ -48,6 +50,43 @@ if TYPE_CHECKING:
     from renyi_lora.ensemble import LoraEnsemble
 
 NO_GROUP = "(none)"
+
+
+@dataclass
+class MultipleChoiceItem:
+    """One validated multiple-choice question; ``line`` is its record number in the file (for reports)."""
+
+    prompt: str
+    choices: list[str]
+    answer: int
+    group: str | None
+    line: int
+
+
+def load_multiple_choice(path: Any, split: str | None = None, config: str | None = None
+                         ) -> list[MultipleChoiceItem]:
+    """Read and validate a multiple-choice file."""
+    items = []
+    for where, _, record in read_typed_records(path, ("multiple-choice",), "load_multiple_choice", split, config):
+        prompt = check_string(record["prompt"], where, "prompt")
+        choices = record["choices"]
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise where.error("choices", f"expected a list of at least 2 strings, got {describe(choices)}")
+        first_index: dict[str, int] = {}
+        for i, choice in enumerate(choices):
+            check_string(choice, where, f"choices[{i}]")
+            if choice in first_index:
+                raise where.error(f"choices[{i}]", f"duplicates choices[{first_index[choice]}] ({describe(choice)}); "
+                                  "expected distinct choices")
+            first_index[choice] = i
+        answer = record["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, int):
+            raise where.error("answer", f"expected an integer index into 'choices', got {describe(answer)}")
+        if not 0 <= answer < len(choices):
+            raise where.error("answer", f"index {answer} is out of range; expected 0 to {len(choices) - 1} "
+                              f"(an index into the {len(choices)} choices)")
+        items.append(MultipleChoiceItem(prompt, list(choices), answer, check_group(record, where), where.number))
+    return items
 
 
 def encode_choices(tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleChoiceItem]
@@ -99,7 +138,7 @@ def _row_scores(ensemble: LoraEnsemble, rows: list[tuple[list[int], list[int]]],
         batch = rows[start:start + batch_size]
         input_ids, attention_mask, labels = pad_right([p for p, _ in batch], [c for _, c in batch], pad, device)
         token = ensemble(input_ids, attention_mask, labels=labels)  # [K, b, T]
-        scores.append(token.double().sum(-1).cpu())  # [K, b]
+        scores.append(sequence_loglik(token, labels, dtype=torch.float64).cpu())  # [K, b]
         bar.update(len(batch))
     return torch.cat(scores, dim=1)
 
@@ -227,7 +266,7 @@ def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokeni
         raise ValueError("no items to evaluate")
     disabled = ensemble.adapters_disabled() if base_only else contextlib.nullcontext()
     with disabled:
-        K = active_members(ensemble)
+        K = ensemble.output_members
         member_log_probs = choice_log_probs(ensemble, tokenizer, items, length_normalize, batch_size, progress,
                                             shared_prompt)  # [K, N, C]
         extra = prompt_scores(ensemble, tokenizer, [item.prompt for item in items], weights, max(1, batch_size // 4),
@@ -283,72 +322,3 @@ def ood_detection(in_distribution: dict, out_of_distribution: dict) -> dict[str,
 
     return {f"auroc_{name}": _finite(value)
             for name, value in detection_aurocs(scores(in_distribution), scores(out_of_distribution)).items()}
-
-
-def format_number(value) -> str:
-    """Floats with 3 decimals, below 5e-4 in scientific notation (tiny MIs of nearly identical members would all
-    print as 0.000); None as '-'; anything else as ``str``."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.1e}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
-    return str(value)
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """Plain-text table: first column left-aligned, the others right-aligned; cells by ``format_number``."""
-    cells = [list(header)] + [[format_number(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths,
-                                                                                                  strict=True)))
-             for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def results_table(results: dict) -> str:
-    """The printed summary of ``evaluate_multiple_choice``'s results: metrics, error detection, routing."""
-    def row(label: str, n: int, metrics: dict, uncertainty: tuple) -> list:
-        return [label, n, metrics["accuracy"], metrics["ece"], metrics["nll"], metrics["brier"], *uncertainty]
-
-    def mixture_row(label: str, block: dict) -> list:
-        m = block["mixture"]
-        return row(label, block["num_items"], m, (m["total"], m["aleatoric"], m["epistemic"]))
-
-    names = [f"member {k}" for k in results["member_ids"]] if not results["base_only"] else ["base model"]
-    rows = [mixture_row("mixture" if not results["base_only"] else "base model", results)]
-    if results["num_members"] > 1:
-        rows += [row(name, results["num_items"], m, (m["entropy"], None, None))
-                 for name, m in zip(names, results["members"], strict=True)]
-    rows += [mixture_row(f"group {name}", block) for name, block in results["groups"].items()]
-    header = ["", "n", "acc", "ECE", "NLL", "Brier", "total", "aleatoric", "MI"]
-    m = results["mixture"]
-    detection = format_table(["errors vs uncertainty", "AUROC(MI)", "AUROC(total)", "AURC(total)", "AURC(MI)"],
-                             [["all items", m["auroc_mi_errors"], m["auroc_total_errors"], m["aurc"], m["aurc_mi"]]])
-    routing = results["routing_matrix"]
-    routing_rows = [[f"group {g}", *r] for g, r in zip(routing["groups"], routing["matrix"], strict=True)]
-    routing_rows.append(["all items", *results["routing"]])
-    routing_table = format_table(["responsibility for the correct answer", *names], routing_rows)
-    return "\n\n".join([format_table(header, rows), detection, routing_table])
-
-
-def write_report(results: dict, output: str | Path) -> list[Path]:
-    """Write the results JSON to ``output`` and next to it ``<stem>_reliability.png``, ``<stem>_routing.png``,
-    ``<stem>_mi_histogram.png`` and ``<stem>_report.md`` (the table and the figures); returns the paths."""
-    from renyi_lora.plots import mi_histogram, reliability_diagram, routing_heatmap
-
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    stem, items = output.parent / output.stem, results["items"]
-    title = "base model" if results["base_only"] else f"mixture of {results['num_members']} members"
-    reliability = reliability_diagram([max(i["probs"]) for i in items], [i["correct"] for i in items],
-                                      f"{stem}_reliability.png", title=f"Reliability, {title}")
-    routing = routing_heatmap(results["routing_matrix"]["matrix"], results["routing_matrix"]["groups"],
-                              f"{stem}_routing.png", title="Responsibility for the correct answer (alpha = 1)")
-    by_group = {name: [i["epistemic"] for i in items if i["group"] == name] for name in results["groups"]}
-    histogram = mi_histogram(by_group, f"{stem}_mi_histogram.png", title="Mutual information by group")
-    report = Path(f"{stem}_report.md")
-    figures = "\n\n".join(f"![{p.stem}]({p.name})" for p in (reliability, routing, histogram))
-    report.write_text(f"# Multiple-choice evaluation ({title})\n\nResults: `{output.name}`\n\n```\n"
-                      f"{results_table(results)}\n```\n\n{figures}\n")
-    return [output, reliability, routing, histogram, report]

@@ -21,27 +21,16 @@ generates what each prompt generates alone; a row stops at its first EOS and is 
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from renyi_lora.models import DEFAULT_MODEL
+from renyi_lora.inference import IncrementalForward, Prompt, encode_prompt, left_pad, pad_right
+from renyi_lora.likelihoods import sequence_loglik
 from renyi_lora.objective import responsibilities
-from renyi_lora.token_uncertainty import (
-    Prompt,
-    active_members,
-    completion_scores,
-    decompose_rows,
-    encode_prompt,
-    normalised_log_weights,
-    pad_right,
-)
+from renyi_lora.token_uncertainty import completion_scores, decompose_rows, normalised_log_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -80,60 +69,6 @@ class GenerationResult:
         return asdict(self)
 
 
-class IncrementalForward:
-    """Next-token logits of all K members, with one KV cache across calls.
-
-    ``per_member_rows=False``: every member sees the same tokens; ``input_ids`` is ``[B, t]`` and the rows are
-    repeated K times inside (or only from the first adapted layer, when the ensemble shares a trunk).
-    ``per_member_rows=True``: ``input_ids`` is ``[K*B, t]`` member-major, one stream per (member, prompt).
-    """
-
-    def __init__(self, ensemble: LoraEnsemble, per_member_rows: bool = False) -> None:
-        self.ensemble, self.per_member_rows, self.cache = ensemble, per_member_rows, None
-        parameters = inspect.signature(ensemble.model.forward).parameters
-        # transformers 5 renamed past_key_values to cache; older versions only know the former.
-        self.cache_name = "cache" if "cache" in parameters else "past_key_values"
-        self.keep_last = "logits_to_keep" in parameters
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = True) -> torch.Tensor:
-        """``input_ids [R, t]`` (the new tokens), ``attention_mask [R, S]`` (everything so far, left-padded)
-        -> logits at the last position ``[K, B, V]`` (every new position ``[K, B, t, V]`` if not ``last_only``)."""
-        K, t = active_members(self.ensemble), input_ids.shape[1]
-        # Positions count real tokens only, so a left-padded row matches the same prompt unpadded.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
-        kwargs = {self.cache_name: self.cache, "use_cache": True}
-        if self.keep_last and last_only:
-            kwargs["logits_to_keep"] = 1
-        if self.per_member_rows:
-            out = self.ensemble.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      **kwargs)
-        else:
-            with self.ensemble._shared_trunk(input_ids.shape[0]) as shared:
-                if K > 1 and not shared:
-                    input_ids, attention_mask, position_ids = (x.repeat(K, 1) for x in (input_ids, attention_mask,
-                                                                                       position_ids))
-                out = self.ensemble.model(input_ids=input_ids, attention_mask=attention_mask,
-                                          position_ids=position_ids, **kwargs)
-        self.cache = getattr(out, self.cache_name)
-        if not last_only:
-            return out.logits.view(K, -1, *out.logits.shape[1:])  # [K, B, t, V]
-        logits = out.logits[:, -1]  # [K*B, V]
-        return logits.view(K, -1, logits.shape[-1])  # [K, B, V]
-
-
-def left_pad(rows: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` ``[B, S]`` with each row padded on the left, so that the last position of
-    every row is its last real token."""
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, row in enumerate(rows):
-        input_ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[b, length - len(row):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def choose_tokens(log_probs: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy (first maximum) or sampled tokens ``[R]`` from ``log_probs [R, V]``, with temperature and nucleus
@@ -156,15 +91,15 @@ def prompt_log_weights(ensemble: LoraEnsemble, prompt_ids: list[list[int]], alph
 
     ``p_k(prompt)`` is member k's likelihood of the prompt's tokens after its first (which has no context).
     """
-    K = active_members(ensemble)
+    K = ensemble.output_members
     log_prior = normalised_log_weights(None, K) if log_prior is None else log_prior
     device = next(ensemble.parameters()).device
     input_ids, attention_mask, labels = pad_right([[] for _ in prompt_ids], prompt_ids, pad_token_id, device)
-    loglik = ensemble(input_ids, attention_mask, labels=labels).sum(-1).double()  # [K, B]
+    loglik = sequence_loglik(ensemble(input_ids, attention_mask, labels=labels), labels, dtype=torch.float64)
     return responsibilities(loglik, alpha, log_prior.to(loglik)).log()  # [K, B]
 
 
-def _check(mode: str, max_new_tokens: int, temperature: float, top_p: float, alpha: float) -> None:
+def check_generation(mode: str, max_new_tokens: int, temperature: float, top_p: float, alpha: float) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     if max_new_tokens < 1:
@@ -195,8 +130,8 @@ def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts
              ) -> list[GenerationResult]:
     """Generate a continuation of every prompt (a string, or a list of chat messages rendered with the chat
     template); returns one ``GenerationResult`` per prompt. Under ``ensemble.adapters_disabled()`` K = 1."""
-    _check(mode, max_new_tokens, temperature, top_p, alpha)
-    K, B = active_members(ensemble), len(prompts)
+    check_generation(mode, max_new_tokens, temperature, top_p, alpha)
+    K, B = ensemble.output_members, len(prompts)
     device = next(ensemble.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -282,92 +217,3 @@ def _decode(forward: IncrementalForward, input_ids: torch.Tensor, attention_mask
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(R, 1)], dim=1)
     tokens, probs, mi, total = (torch.stack(column, dim=1) for column in zip(*steps, strict=True))
     return tokens, probs, mi, total, lengths.tolist(), done.tolist()
-
-
-@dataclass
-class GenerateArguments:
-    """Flags of ``renyi-lora generate``."""
-
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base causal LM: 'smollm2-135m' (embedded), a local "
-                       "Hugging Face folder or a hub id."})
-    adapters: str | None = field(default=None, metadata={"help": "Saved ensemble folder."})
-    prompt: list[str] | None = field(default=None, metadata={"help": "A prompt; repeat the flag for several.",
-                                     "action": "extend"})
-    prompts_file: str | None = field(default=None, metadata={"help": "Text file with one prompt per line (blank "
-                                     "lines skipped)."})
-    mode: Mode = field(default="mixture", metadata={"help": "mixture: the weighted mixture's next token; members: "
-                       "each member's own continuation; sample: one member drawn by weight per prompt."})
-    route_on_prompt: bool = field(default=False, metadata={"help": "Weight members by their posterior given the "
-                                  "prompt, w_k ∝ pi_k p_k(prompt)^alpha."})
-    alpha: float = field(default=1.0, metadata={"help": "Order of the prompt posterior (with --route_on_prompt)."})
-    weights: list[float] | None = field(default=None, metadata={"help": "Prior mixture weights, one per member; "
-                                        "uniform if omitted."})
-    members: list[int] | None = field(default=None, metadata={"help": "Use only these members of the ensemble."})
-    base_only: bool = field(default=False, metadata={"help": "Generate with the base model alone (adapters off)."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens generated per prompt."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with --do_sample)."})
-    seed: int = field(default=0, metadata={"help": "Seed for sampling and for drawing members."})
-    chat: bool = field(default=False, metadata={"help": "Wrap each prompt as a user message and apply the chat "
-                       "template (with its generation prompt)."})
-    output: str | None = field(default=None, metadata={"help": "Also write the results (per-token MI) as JSON."})
-    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder/hub."})
-
-    def __post_init__(self) -> None:
-        if not self.prompt and not self.prompts_file:
-            raise ValueError("give at least one --prompt \"...\" or --prompts_file FILE")
-        if self.prompts_file and not Path(self.prompts_file).is_file():
-            raise FileNotFoundError(f"--prompts_file {self.prompts_file}: file not found")
-        if not self.adapters and not self.base_only:
-            raise ValueError("--adapters DIR is required (a saved ensemble), unless --base_only")
-        _check(self.mode, self.max_new_tokens, self.temperature, self.top_p, self.alpha)
-
-    def prompts(self) -> list[Prompt]:
-        texts = list(self.prompt or [])
-        if self.prompts_file:
-            texts += [line for line in Path(self.prompts_file).read_text().splitlines() if line.strip()]
-        return [[{"role": "user", "content": text}] for text in texts] if self.chat else texts
-
-
-def run_generate(args: GenerateArguments) -> list[GenerationResult]:
-    """What ``renyi-lora generate`` does: load the model and ensemble, generate, optionally write JSON."""
-    from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-    from renyi_lora.models import check_model_exists, load_model_and_tokenizer, resolve_device
-
-    prompts = args.prompts()
-    check_model_exists(args.model)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, torch_dtype=torch.float32)
-    model.to(resolve_device(args.device)).eval()
-    if args.chat and not tokenizer.chat_template:
-        raise ValueError(f"--chat: the tokenizer of {args.model} has no chat template")
-    if args.adapters:
-        ensemble = LoraEnsemble.from_pretrained(model, args.adapters, members=args.members)
-    else:
-        ensemble = LoraEnsemble(model, EnsembleConfig(num_members=1))
-    disabled = ensemble.adapters_disabled() if args.base_only else contextlib.nullcontext()
-    with disabled:
-        results = generate(ensemble, tokenizer, prompts, args.mode, args.max_new_tokens, args.do_sample,
-                           args.temperature, args.top_p, args.seed, args.route_on_prompt, args.alpha, args.weights)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
-    return results
-
-
-def format_results(results: list[GenerationResult], member_ids: Sequence[int] | None = None) -> str:
-    """Plain text: each prompt, its weights, and each continuation as ``token(mi)`` pieces."""
-    from renyi_lora.evaluate import format_number
-
-    blocks = []
-    for result in results:
-        prompt = result.prompt if isinstance(result.prompt, str) else result.prompt[-1]["content"]
-        lines = [f"prompt: {prompt!r}", "weights: " + " ".join(f"{w:.3f}" for w in result.weights)]
-        for c in result.continuations:
-            who = "mixture" if c.member is None else f"member {member_ids[c.member] if member_ids else c.member}"
-            end = "eos" if c.finished else "max_new_tokens"
-            lines.append(f"[{who}] {c.text!r}  (mean MI {format_number(c.mean_mi)}, stopped: {end})")
-            lines.append("  " + " ".join(f"{t.text!r}({format_number(t.mi)})" for t in c.tokens))
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)

@@ -58,29 +58,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from renyi_lora.ensemble import load_adapter_mixture
+from renyi_lora.inference import pad_right
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import check_model_exists, load_model_and_tokenizer, resolve_device
 from renyi_lora.token_uncertainty import decompose_rows, normalised_log_weights
 from renyi_lora.uncertainty import decompose_uncertainty
-
-# The library is being reorganised (renyi_lora.inference, methods of LoraEnsemble); accept both layouts.
-try:
-    from renyi_lora.ensemble import load_adapter_mixture
-except ImportError:  # older layout
-    from renyi_lora.io import load_adapter_mixture
-try:
-    from renyi_lora.inference import pad_right
-except ImportError:  # older layout
-    from renyi_lora.token_uncertainty import pad_right
-
-
-def _output_features(ensemble, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """``(features [K, B, T, H or V], head or None)``: what the output head consumes (K = 1 when disabled)."""
-    if hasattr(ensemble, "output_features"):
-        return ensemble.output_features(input_ids, attention_mask)
-    from renyi_lora.likelihoods import output_features  # older layout
-
-    return output_features(ensemble, input_ids, attention_mask)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +102,7 @@ def sequence_scores(ensemble, input_ids: torch.Tensor, attention_mask: torch.Ten
     targets = labels[:, 1:][mask]  # [N], row-major: each row's targets contiguous and in order
     rows = torch.arange(B, device=input_ids.device)[:, None].expand_as(mask)[mask]  # [N]
     # The last position predicts nothing: the model runs on T-1 tokens (rows of max_length + 1 fit, as in lm-eval).
-    features, head = _output_features(ensemble, input_ids[:, :-1], attention_mask[:, :-1])  # [K, B, T-1, H or V]
+    features, head = ensemble.output_features(input_ids[:, :-1], attention_mask[:, :-1])  # [K, B, T-1, H or V]
     K, features = features.shape[0], features[:, mask]  # [K, N, H or V]
     member_loglik = torch.zeros(K, B, dtype=torch.float64, device=input_ids.device)
     mi_sum = torch.zeros(B, dtype=torch.float64, device=input_ids.device)

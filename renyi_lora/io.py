@@ -11,20 +11,30 @@ exactly those the config and the base model call for (names, K, rank, shapes) an
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble, layer_dims
+from renyi_lora import __version__
+from renyi_lora.config import EnsembleConfig, layer_dims
+
+if TYPE_CHECKING:
+    from renyi_lora.ensemble import LoraEnsemble
 
 CONFIG_NAME = "ensemble_config.json"
 WEIGHTS_NAME = "adapters.safetensors"
 FORMAT_VERSION = 1
+TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer's; written last in a checkpoint
+logger = logging.getLogger(__name__)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -54,8 +64,6 @@ def save_ensemble(ensemble: LoraEnsemble, directory: str | os.PathLike,
     ``state_dict``: the ensemble's full state dict gathered by FSDP or DeepSpeed, whose layers then hold only
     shards; the adapters are taken from it (keys ``model.<module>.lora_A``) instead of from the layers.
     """
-    from renyi_lora import __version__
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -123,6 +131,14 @@ def _read_adapter_tensors(directory: str | os.PathLike, config: EnsembleConfig, 
     return tensors
 
 
+def copy_adapters(ensemble: LoraEnsemble, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``<module>.lora_A`` / ``lora_B`` tensors into the ensemble's layers, in place."""
+    with torch.no_grad():
+        for name, layer in ensemble.lora_layers().items():
+            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
+            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+
+
 def load_adapter_weights(ensemble: LoraEnsemble, directory: str | os.PathLike) -> None:
     """Copy a saved ensemble's adapters into ``ensemble`` in place (resuming a run): the saved K, rank and
     adapted modules must be this ensemble's."""
@@ -133,15 +149,13 @@ def load_adapter_weights(ensemble: LoraEnsemble, directory: str | os.PathLike) -
                          f"modules but this run has K={ours.num_members}, rank={ours.rank} on "
                          f"{len(ensemble.module_names)}; resume with the run's --num_members, --rank, --target_modules")
     base_layers = {name: layer.base_layer for name, layer in ensemble.lora_layers().items()}
-    tensors = _read_adapter_tensors(directory, config, module_names, base_layers)
-    with torch.no_grad():
-        for name, layer in ensemble.lora_layers().items():
-            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
-            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+    copy_adapters(ensemble, _read_adapter_tensors(directory, config, module_names, base_layers))
 
 
-def load_ensemble(model: nn.Module, directory: str | os.PathLike, members: list[int] | None = None) -> LoraEnsemble:
-    """Restore a saved ensemble onto ``model`` (optionally only the listed ``members``), validating shapes."""
+def read_ensemble(directory: str | os.PathLike, model: nn.Module, members: list[int] | None = None
+                  ) -> tuple[EnsembleConfig, list[str], dict[str, torch.Tensor]]:
+    """``(config, module_names, tensors)`` of a saved ensemble for ``model`` (optionally only the listed
+    ``members``), validated against the base model's modules (``LoraEnsemble.from_pretrained`` builds on it)."""
     config, module_names, _ = read_ensemble_config(directory)
     tensors = _read_adapter_tensors(directory, config, module_names, dict(model.named_modules()))
     if members is not None:
@@ -151,12 +165,7 @@ def load_ensemble(model: nn.Module, directory: str | os.PathLike, members: list[
         index = torch.tensor(members)
         tensors = {k: v.index_select(0, index) for k, v in tensors.items()}
         config = EnsembleConfig(**{**asdict(config), "num_members": len(members)})
-    ensemble = LoraEnsemble(model, config, module_names)
-    with torch.no_grad():
-        for name, layer in ensemble.lora_layers().items():
-            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
-            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
-    return ensemble
+    return config, module_names, tensors
 
 
 def export_peft(ensemble: LoraEnsemble, directory: str | os.PathLike, member: int) -> Path:
@@ -164,8 +173,6 @@ def export_peft(ensemble: LoraEnsemble, directory: str | os.PathLike, member: in
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` then gives that member's logits.
     """
-    from renyi_lora.ensemble import Conv1D
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = ensemble.ensemble_config
@@ -196,6 +203,37 @@ def export_peft(ensemble: LoraEnsemble, directory: str | os.PathLike, member: in
 def export_all_peft(ensemble: LoraEnsemble, directory: str | os.PathLike) -> list[Path]:
     """Export every member to ``directory/member_<k>``."""
     return [export_peft(ensemble, Path(directory) / f"member_{k}", k) for k in range(ensemble.num_members)]
+
+
+def checkpoint_problem(directory: str | Path) -> str | None:
+    """Why ``directory`` cannot be resumed from, or None if it can.
+
+    The Trainer writes a checkpoint's ``trainer_state.json`` last (after the adapters, optimizer, scheduler and
+    RNG states), so a save that was killed midway lacks it or left it truncated.
+    """
+    directory = Path(directory)
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME) if not (directory / name).is_file()]
+    if missing:
+        return f"incomplete checkpoint (no {', '.join(missing)}; was its save interrupted?)"
+    try:
+        json.loads((directory / TRAINER_STATE_NAME).read_text())
+    except ValueError:
+        return f"incomplete checkpoint ({TRAINER_STATE_NAME} is truncated; was its save interrupted?)"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The highest-numbered ``checkpoint-N`` folder in ``output_dir`` whose save finished (None if there is none)."""
+    folders = [path for path in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", path.name)]
+    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[1]), reverse=True):
+        if not folder.is_dir():
+            continue
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        logger.warning("skipping %s: %s", folder, problem)
+    return None
+
 
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -239,18 +277,11 @@ def _ensemble_members(directory: Path, model: nn.Module) -> list[dict[str, tuple
              for name in module_names} for k in range(config.num_members)]
 
 
-def load_adapter_mixture(model: nn.Module, directories: list[str | os.PathLike],
-                         members: list[int] | None = None) -> LoraEnsemble:
-    """One ensemble from several adapter folders: saved ensembles (every member) and PEFT LoRA adapters (one
-    member each), in the order given; ``members`` then picks among the concatenated members.
-
-    Adapters trained elsewhere (e.g. K LoRAs trained independently with PEFT / TRL: a deep ensemble) are scored
-    by the same code as ours. Members may differ in rank, scaling and adapted modules: each member's scaling is
-    folded into its B, ranks are zero-padded to the largest, and a module a member does not adapt gets zeros
-    there, so every member computes exactly its own ``W x + scaling * B A x``.
-    """
-    if len(directories) == 1 and (Path(directories[0]) / CONFIG_NAME).is_file():
-        return load_ensemble(model, directories[0], members)  # one saved ensemble: exact, its own config
+def read_mixture_members(model: nn.Module, directories: list[str | os.PathLike], members: list[int] | None = None
+                         ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The members of several adapter folders, ``[{module: (A [R, Din], scaling * B [Dout, R])}, ...]``: saved
+    ensembles (every member) and PEFT LoRA adapters (one member each), in the order given; ``members`` then picks
+    among them. Checked against the base model's modules (``ensemble.load_adapter_mixture`` builds on it)."""
     found: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
     for directory in map(Path, directories):
         if (directory / CONFIG_NAME).is_file():
@@ -270,21 +301,4 @@ def load_adapter_mixture(model: nn.Module, directories: list[str | os.PathLike],
     if missing:
         raise ValueError(f"the base model has no module(s) {missing[:5]} that these adapters adapt; were they "
                          "trained on another base model?")
-    rank = max(a.shape[0] for member in found for a, _ in member.values())
-    # lora_alpha = rank: scaling 1, each member's own scaling already sits in its B.
-    config = EnsembleConfig(num_members=len(found), rank=rank, lora_alpha=float(rank), target_modules=names)
-    ensemble = LoraEnsemble(model, config, names)
-    with torch.no_grad():
-        for name, layer in ensemble.lora_layers().items():
-            layer.lora_A.zero_()
-            layer.lora_B.zero_()
-            for k, member in enumerate(found):
-                if name in member:
-                    a, b = member[name]
-                    if a.shape[1] != layer.lora_A.shape[2] or b.shape[0] != layer.lora_B.shape[1]:
-                        raise ValueError(f"member {k}: {name} has lora_A {list(a.shape)} / lora_B {list(b.shape)}, "
-                                         f"which do not fit the base layer (Din {layer.lora_A.shape[2]}, Dout "
-                                         f"{layer.lora_B.shape[1]})")
-                    layer.lora_A[k, : a.shape[0]] = a
-                    layer.lora_B[k, :, : b.shape[1]] = b
-    return ensemble
+    return found

@@ -16,14 +16,10 @@ it once, when the ensemble is built (``output_head_is_plain``); the others take 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-if TYPE_CHECKING:
-    from renyi_lora.ensemble import LoraEnsemble
 
 IGNORE_INDEX = -100
 
@@ -129,29 +125,18 @@ def target_logprobs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def output_features(ensemble: LoraEnsemble, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, nn.Linear | None]:
-    """What the output head consumes: ``(hidden [K, B, T, H], head)``, or for a model whose logits are not
-    ``head(hidden)`` (see ``output_head_is_plain``) ``(logits [K, B, T, V], None)``. K is 1 when disabled."""
-    if ensemble.plain_head:
-        return ensemble.hidden_states(input_ids, attention_mask), ensemble.model.get_output_embeddings()
-    if ensemble.is_disabled:
-        return ensemble.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[None], None
-    return ensemble(input_ids, attention_mask), None  # [K, B, T, V]
+def token_logliks(features: torch.Tensor, head: nn.Linear | None, labels: torch.Tensor,
+                  chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token log-likelihoods of the targets, ``[K, B, T]`` (0 where ``labels [B, T] == -100``).
 
-
-def token_logliks(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Per-token log-likelihoods of the targets, ``[K, B, T]`` (0 where ``labels == -100``).
-
-    Under ``ensemble.adapters_disabled()`` the leading dimension is 1 (the base model on B rows).
+    ``features``: what the output head consumes, ``[K, B, T, H]`` hidden states with ``head`` (see
+    ``LoraEnsemble.output_features``), or ``[K, B, T, V]`` logits with ``head=None``.
 
     Eagerly, the head runs only on the target positions (a boolean-mask selection). Under ``torch.compile`` that
     selection is a data-dependent shape (``aten.nonzero``, a graph break), so there the head runs on every
     position with the targets clamped to a valid id and the non-targets zeroed after: fixed shapes, no break,
     for the price of the head on the prompt positions too.
     """
-    features, head = output_features(ensemble, input_ids, attention_mask)  # [K, B, T, H or V]
     K, B, T, H = features.shape
     mask = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: position t-1 predicts labels[t]
     if head is None or torch.compiler.is_compiling():
@@ -173,12 +158,12 @@ def token_logliks(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mas
     return nn.functional.pad(token, (1, 0))  # [K, B, T]
 
 
-def sequence_logliks(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     labels: torch.Tensor, length_normalize: bool = False, chunk_size: int = 1024) -> torch.Tensor:
-    """Per-member sequence log-likelihood of the completion tokens, ``[K, B]`` (mean over tokens if
-    ``length_normalize``)."""
-    token = token_logliks(ensemble, input_ids, attention_mask, labels, chunk_size)
-    total = token.sum(-1)  # [K, B]
+def sequence_loglik(token: torch.Tensor, labels: torch.Tensor, length_normalize: bool = False,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sequence log-likelihood ``[K, B]`` from per-token ones ``token [K, B, T]`` (0 off target), summed in
+    ``dtype`` (float32 under any autocast: routing and DPO margins are small differences of large sums); the
+    mean over the target tokens of ``labels [B, T]`` if ``length_normalize``."""
+    total = token.to(dtype).sum(-1)  # [K, B]
     if length_normalize:
         total = total / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
     return total

@@ -179,6 +179,10 @@ def write_model_card(output_dir: str | os.PathLike, base_model: str, datasets: l
     return path
 
 
+class PushError(RuntimeError):
+    """An upload to the Hub failed; the message is one line naming the repo and the cause."""
+
+
 def upload_files(output_dir: str | os.PathLike) -> list[str]:
     """The relative paths ``push_to_hub`` uploads (sorted), filtered exactly as ``upload_folder`` filters them."""
     folder = Path(output_dir)
@@ -200,7 +204,7 @@ def push_to_hub(output_dir: str | os.PathLike, repo_id: str, token: str | None =
                 commit_message: str = "Upload renyi-lora ensemble") -> str:
     """Create ``repo_id`` (if needed) and upload ``upload_files(output_dir)``; returns the commit URL.
 
-    Any failure (offline mode, no network, no or a bad token, the Hub refusing) is raised as one ``RuntimeError``
+    Any failure (offline mode, no network, no or a bad token, the Hub refusing) is raised as one ``PushError``
     line naming the repo and the cause.
     """
     from huggingface_hub import HfApi
@@ -211,7 +215,7 @@ def push_to_hub(output_dir: str | os.PathLike, repo_id: str, token: str | None =
         if not (folder / name).is_file():
             raise FileNotFoundError(f"cannot push {folder} to {repo_id}: {name} not found; not a trained ensemble")
     if is_offline_mode():
-        raise RuntimeError(f"cannot push {folder} to the Hub repo {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); "
+        raise PushError(f"cannot push {folder} to the Hub repo {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); "
                            "unset it, or upload later with `hf upload`")
     try:
         api = HfApi(token=token)
@@ -220,6 +224,6 @@ def push_to_hub(output_dir: str | os.PathLike, repo_id: str, token: str | None =
                                  ignore_patterns=list(IGNORE_PATTERNS))
     except _hub_errors() as error:
         cause = (str(error).strip().splitlines() or [""])[0]
-        raise RuntimeError(f"push of {folder} to the Hub repo {repo_id} failed: {type(error).__name__}: {cause}") \
+        raise PushError(f"push of {folder} to the Hub repo {repo_id} failed: {type(error).__name__}: {cause}") \
             from None
     return str(getattr(info, "commit_url", info))

@@ -16,20 +16,12 @@ import math
 
 import torch
 
+from renyi_lora.uncertainty import broadcast_log_weights
+
 # Below this |alpha * (L - mean_k L)| the log1p/expm1 form is used: logsumexp would round
 # exp(alpha * L) to 1 in float32 for tiny alpha and lose the whole O(alpha) signal. Above it the plain,
 # uncentred logsumexp is as precise as float32 allows (centring on the mean would cost ~alpha * spread * eps).
 _SMALL_SPREAD = 1.0
-
-
-def _log_weights(loglik: torch.Tensor, log_weights: torch.Tensor | None) -> torch.Tensor:
-    """Mixture log-weights broadcastable to ``loglik [K, ...]``; uniform ``-log K`` by default."""
-    if log_weights is None:
-        return torch.full_like(loglik, -math.log(loglik.shape[0]))
-    log_weights = log_weights.to(loglik)
-    if log_weights.dim() == 1:
-        log_weights = log_weights.view(-1, *([1] * (loglik.dim() - 1)))  # [K, 1, ...]
-    return log_weights.expand_as(loglik)
 
 
 def _check_alpha(alpha: float) -> None:
@@ -60,7 +52,7 @@ def renyi_per_example(
         with ``w`` the ``responsibilities``, also where members tie (alpha = inf) or a member has L = -inf.
     """
     _check_alpha(alpha)
-    log_pi = _log_weights(loglik, log_weights)
+    log_pi = broadcast_log_weights(log_weights, loglik).expand_as(loglik)
     if alpha == 0:
         return -(log_pi.exp() * loglik).sum(0)
     if math.isinf(alpha):
@@ -101,7 +93,7 @@ def responsibilities(
     """
     _check_alpha(alpha)
     loglik = loglik.detach()
-    log_pi = _log_weights(loglik, log_weights)
+    log_pi = broadcast_log_weights(log_weights, loglik).expand_as(loglik)
     if alpha == 0:
         return log_pi.exp()
     if math.isinf(alpha):

@@ -18,14 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from renyi_lora.token_uncertainty import (
-    Prompt,
-    active_members,
-    completion_scores,
-    encode_prompt,
-    normalised_log_weights,
-    pad_right,
-)
+from renyi_lora.inference import Prompt, encode_prompt, pad_right
+from renyi_lora.token_uncertainty import completion_scores, normalised_log_weights
 from renyi_lora.uncertainty import auroc
 
 if TYPE_CHECKING:
@@ -46,7 +40,7 @@ def prompt_scores(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, pr
         ``{"prompt_mi": [N], "prompt_spread": [N]}`` float64: the mean token MI along the prompt and the weighted
         standard deviation across members of the mean token log-likelihood (0 for a one-token prompt).
     """
-    log_weights = normalised_log_weights(weights, active_members(ensemble))  # [K]
+    log_weights = normalised_log_weights(weights, ensemble.output_members)  # [K]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(ensemble.parameters()).device
     rows = [encode_prompt(tokenizer, prompt)[0] for prompt in prompts]

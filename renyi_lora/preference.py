@@ -17,8 +17,12 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
+from renyi_lora.config import RenyiConfig
+from renyi_lora.ensemble import LoraEnsemble
+from renyi_lora.likelihoods import sequence_loglik
 from renyi_lora.objective import renyi_loss
-from renyi_lora.train import RenyiConfig, RenyiTrainer
+from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
+from renyi_lora.train import RenyiTrainer
 
 
 def preference_loglik(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -61,11 +65,27 @@ class DPOConfig(RenyiConfig):
 def _sequence_logps(model, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[K, 2B]`` summed completion log-probs of the chosen-then-rejected rows (K = 1 when disabled)."""
     token = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
-    return token.float().sum(-1)  # float32 under any autocast: the margins are small differences of large sums
+    return sequence_loglik(token, inputs["labels"])  # float32 under any autocast
 
 
 class RenyiDPOTrainer(RenyiTrainer):
-    """DPO with K members: chosen and rejected go through the ensemble in one forward."""
+    """DPO with K members: chosen and rejected go through the ensemble in one forward. Takes what ``RenyiTrainer``
+    takes (``args``: a ``DPOConfig``; data in TRL's preference format)."""
+
+    collator_class = PreferenceCollator
+    dataset_loader = staticmethod(load_preference_dataset)
+
+    def __init__(self, model, args: DPOConfig | None = None, *rest, adapters: str | None = None, **kwargs):
+        args = args if args is not None else self.default_config()
+        if args.reference == "initial" and not adapters and not isinstance(model, LoraEnsemble):
+            raise ValueError("--reference initial needs --adapters DIR (the saved ensemble to start from)")
+        super().__init__(model, args, *rest, adapters=adapters, **kwargs)
+        if args.reference == "initial":
+            self.ensemble.freeze_reference()
+
+    @staticmethod
+    def default_config() -> DPOConfig:
+        return DPOConfig(output_dir="renyi-lora-output")
 
     def _reference(self, model, inputs: dict) -> torch.Tensor:
         """Reference log-probs: ``[K, 2B]`` ("initial", the members that run) or ``[2B]`` ("base", computed once
@@ -77,6 +97,9 @@ class RenyiDPOTrainer(RenyiTrainer):
             with torch.no_grad(), self.ensemble.adapters_disabled():
                 inputs["_reference_logps"] = _sequence_logps(model, inputs)[0]  # one base forward for all members
         return inputs["_reference_logps"]
+
+    def target_counts(self, inputs: dict) -> None:
+        return None  # the likelihood is of a preference, not of tokens
 
     def member_loglik(self, model, inputs: dict) -> torch.Tensor:
         policy = _sequence_logps(model, inputs)  # [K, 2B]

@@ -1,49 +1,34 @@
-"""Preference (DPO) and multiple-choice data: reading, validation, tokenisation and collation.
+"""Preference (DPO) data: reading, validation, tokenisation and collation.
 
-Formats (TRL's; files, errors, groups, tokenisation and truncation as in ``renyi_lora.data``, which also
-re-exports this module's public names):
+Format (TRL's; files, errors and groups as in ``renyi_lora.records``, tokenisation and truncation as in
+``renyi_lora.data``):
 
 - Preference ``{"prompt", "chosen", "rejected"}``: three strings, or a prompt message list and chosen /
   rejected lists of assistant turns. Chosen and rejected must differ. Each of prompt + chosen and
   prompt + rejected is truncated on its own (prompt kept, response cut from the right); an example counts
   once in ``num_truncated`` if either side was cut.
-- Multiple choice, for evaluation ``{"prompt": str, "choices": [str, ...], "answer": int}``: at least two
-  distinct non-empty choices, ``answer`` an index into them. Not tokenised here.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from renyi_lora.data import (
-    Encoder,
-    GroupIndex,
-    TokenizedDataset,
-    check_group,
-    check_max_length,
-    check_pad_token_id,
-    check_prompt_style,
-    check_response,
-    check_string,
-    describe,
-    pad_rows,
-    read_typed_records,
-    truncate,
-)
+from renyi_lora.data import Encoder, TokenizedDataset, check_max_length, check_pad_token_id, pad_rows, truncate
+from renyi_lora.records import GroupIndex, check_group, check_prompt_style, check_response, describe
+from renyi_lora.sources import read_typed_records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def load_preference_dataset(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024
-) -> TokenizedDataset:
-    """Read, validate and tokenise a preference file into ``chosen_*`` / ``rejected_*`` examples.
+def load_preference_dataset(source: Any, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024,
+                            split: str | None = None, config: str | None = None) -> TokenizedDataset:
+    """Read, validate and tokenise preference data (any source of ``renyi_lora.sources``) into ``chosen_*`` /
+    ``rejected_*`` examples.
 
     Warns (once) if truncation leaves some examples with identical chosen and rejected ids, which give
     DPO no signal.
@@ -51,7 +36,7 @@ def load_preference_dataset(
     check_max_length(max_length)
     encoder, groups = Encoder(tokenizer), GroupIndex()
     examples, num_truncated, num_tied, style = [], 0, 0, None
-    for where, _, record in read_typed_records(path, ("preference",), "load_preference_dataset"):
+    for where, _, record in read_typed_records(source, ("preference",), "load_preference_dataset", split, config):
         group = groups.add(check_group(record, where))
         style = check_prompt_style(record, where, style)
         chosen = check_response(record, where, "chosen", style)
@@ -69,10 +54,10 @@ def load_preference_dataset(
         num_tied += example["chosen_input_ids"] == example["rejected_input_ids"]
         examples.append(example)
     if num_tied:
-        warnings.warn(f"{path}: {num_tied} of {len(examples)} examples have identical chosen and rejected tokens "
-                      f"after truncation to max_length={max_length}; they give no preference signal",
+        warnings.warn(f"{where.source}: {num_tied} of {len(examples)} examples have identical chosen and rejected "
+                      f"tokens after truncation to max_length={max_length}; they give no preference signal",
                       stacklevel=2)
-    return TokenizedDataset(examples, groups.names, num_truncated, str(path))
+    return TokenizedDataset(examples, groups.names, num_truncated, where.source if examples else str(source))
 
 
 @dataclass
@@ -95,39 +80,3 @@ class PreferenceCollator:
         batch = pad_rows(input_rows, label_rows, self.pad_token_id, self.pad_to_multiple_of)  # [2B, T]
         batch["group"] = torch.tensor([e["group"] for e in examples], dtype=torch.long)  # [B]
         return batch
-
-
-@dataclass
-class MultipleChoiceItem:
-    """One validated multiple-choice question; ``line`` is its record number in the file (for reports)."""
-
-    prompt: str
-    choices: list[str]
-    answer: int
-    group: str | None
-    line: int
-
-
-def load_multiple_choice(path: str | Path) -> list[MultipleChoiceItem]:
-    """Read and validate a multiple-choice file."""
-    items = []
-    for where, _, record in read_typed_records(path, ("multiple-choice",), "load_multiple_choice"):
-        prompt = check_string(record["prompt"], where, "prompt")
-        choices = record["choices"]
-        if not isinstance(choices, list) or len(choices) < 2:
-            raise where.error("choices", f"expected a list of at least 2 strings, got {describe(choices)}")
-        first_index: dict[str, int] = {}
-        for i, choice in enumerate(choices):
-            check_string(choice, where, f"choices[{i}]")
-            if choice in first_index:
-                raise where.error(f"choices[{i}]", f"duplicates choices[{first_index[choice]}] ({describe(choice)}); "
-                                  "expected distinct choices")
-            first_index[choice] = i
-        answer = record["answer"]
-        if isinstance(answer, bool) or not isinstance(answer, int):
-            raise where.error("answer", f"expected an integer index into 'choices', got {describe(answer)}")
-        if not 0 <= answer < len(choices):
-            raise where.error("answer", f"index {answer} is out of range; expected 0 to {len(choices) - 1} "
-                              f"(an index into the {len(choices)} choices)")
-        items.append(MultipleChoiceItem(prompt, list(choices), answer, check_group(record, where), where.number))
-    return items

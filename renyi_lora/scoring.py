@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from renyi_lora.generate import IncrementalForward, left_pad
-from renyi_lora.likelihoods import output_features
-from renyi_lora.token_uncertainty import active_members, pad_right
+from renyi_lora.inference import IncrementalForward, left_pad, pad_right
 
 if TYPE_CHECKING:
     from renyi_lora.ensemble import LoraEnsemble
@@ -50,7 +48,7 @@ def shared_prompt_logliks(ensemble: LoraEnsemble, prompts: list[list[int]], comp
 
     Returns None when the model's KV cache cannot be re-indexed by rows (then score prompt + completion rows).
     """
-    K = active_members(ensemble)
+    K = ensemble.output_members
     device = next(ensemble.parameters()).device
     forward = IncrementalForward(ensemble)
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
@@ -78,7 +76,7 @@ def next_token_logliks(ensemble: LoraEnsemble, prompts: list[list[int]], tokens:
     """
     device = next(ensemble.parameters()).device
     input_ids, attention_mask, _ = pad_right(prompts, [[] for _ in prompts], pad_token_id, device)  # [N, T]
-    features, head = output_features(ensemble, input_ids, attention_mask)  # [K, N, T, H or V]
+    features, head = ensemble.output_features(input_ids, attention_mask)  # [K, N, T, H or V]
     last = attention_mask.sum(1) - 1  # [N]
     at_end = features[:, torch.arange(len(prompts), device=device), last]  # [K, N, H or V]
     log_probs = torch.log_softmax((at_end if head is None else head(at_end)).double(), dim=-1)  # [K, N, V]

@@ -1,7 +1,7 @@
 """Where training data comes from: a data file, a ``datasets`` object, a saved dataset folder, a hub id or a list.
 
 ``read_source`` turns each into ``(source_name, unit, [(number, record), ...])``, the shape of
-``renyi_lora.data.read_records`` plus the name and unit that error messages (``Location``) need:
+``renyi_lora.records.read_records`` plus the name and unit that error messages (``Location``) need:
 
 - a ``.jsonl`` / ``.json`` / ``.parquet`` file: ``read_records`` (unit ``line`` / ``item`` / ``row``);
 - a ``datasets.Dataset`` (or ``IterableDataset``): unit ``row``, numbered from 1, named
@@ -28,7 +28,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from renyi_lora.data import RECORD_UNITS, DataError, Location, read_records
+from renyi_lora.records import (
+    FORMAT_FIELDS,
+    KNOWN_FIELDS,
+    RECORD_UNITS,
+    DataError,
+    Location,
+    detect_format,
+    read_records,
+)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 SAVED_DATASET = ("dataset_info.json", "state.json")  # both, as datasets.load_from_disk requires
@@ -192,3 +200,27 @@ def check_source(source: Any, split: str | None = None, config: str | None = Non
     elif kind in ("folder", "hub") and importlib.util.find_spec("datasets") is None:
         raise DataError(f"{source}: reading it needs the 'datasets' package; install it: {INSTALL}")
     return kind
+
+
+def read_typed_records(source: Any, kinds: tuple[str, ...], loader: str, split: str | None = None,
+                       config: str | None = None) -> list[tuple[Location, str, dict]]:
+    """Read ``source`` (``read_source``) and check every record's format: ``(location, format, record)`` triples.
+
+    The first record decides the source's format, which must be one of ``kinds`` (``loader`` names the
+    function for the error message).
+    """
+    source_name, unit, records = read_source(source, split, config)
+    typed, file_format = [], None
+    for number, record in records:
+        where = Location(source_name, unit, number)
+        # Without a telling field, the loader's first format is assumed (its missing field is named).
+        default = kinds[0] if "prompt" in record or len(kinds) == 1 else None
+        name = detect_format(record, where, file_format, default)
+        if file_format is None and name not in kinds:
+            fields = " or ".join("{" + ", ".join(FORMAT_FIELDS[kind]) + "}" for kind in kinds)
+            telling = sorted(set(record) & KNOWN_FIELDS - {"prompt"})
+            raise where.error(telling[0], f"records in the {name} format {list(FORMAT_FIELDS[name])} cannot be read by "
+                              f"{loader}; expected {fields}")
+        file_format = name
+        typed.append((where, name, record))
+    return typed

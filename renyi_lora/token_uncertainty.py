@@ -23,22 +23,14 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from renyi_lora.data import Encoder
-from renyi_lora.likelihoods import IGNORE_INDEX, output_features
-from renyi_lora.uncertainty import Uncertainty, entropy
+from renyi_lora.inference import Prompt, encode_pair, pad_right
+from renyi_lora.likelihoods import IGNORE_INDEX
+from renyi_lora.uncertainty import Uncertainty, broadcast_log_weights, entropy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from renyi_lora.ensemble import LoraEnsemble
-
-Prompt = str | list[dict]
-
-
-def active_members(ensemble: LoraEnsemble) -> int:
-    """K, or 1 while the adapters are disabled (the base model alone)."""
-    return 1 if ensemble.is_disabled else ensemble.num_members
-
 
 def normalised_log_weights(weights: Sequence[float] | torch.Tensor | None, num_members: int) -> torch.Tensor:
     """``log pi [K]`` (float64) from non-negative mixture weights (normalised here); uniform if None."""
@@ -69,15 +61,8 @@ def decompose_rows(member_log_probs: torch.Tensor, log_weights: torch.Tensor) ->
 
 def row_log_weights(log_weights: torch.Tensor | None, num_members: int, num_rows: int) -> torch.Tensor:
     """``[K]`` or ``[K, B]`` log weights (uniform if None) as ``[K, B]`` float64."""
-    if log_weights is None:
-        log_weights = normalised_log_weights(None, num_members)
-    log_weights = log_weights.to(torch.float64)
-    if log_weights.dim() == 1:
-        log_weights = log_weights[:, None].expand(-1, num_rows)
-    if log_weights.shape != (num_members, num_rows):
-        raise ValueError(f"log_weights must be [K] or [K, B] = [{num_members}, {num_rows}]; "
-                         f"got {tuple(log_weights.shape)}")
-    return log_weights
+    rows = torch.zeros(num_members, num_rows, dtype=torch.float64)
+    return broadcast_log_weights(log_weights, rows).expand_as(rows)
 
 
 class TokenScores(NamedTuple):
@@ -108,8 +93,8 @@ class TokenScores(NamedTuple):
 
 def _selected_logits(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      mask: torch.Tensor):
-    """``(features [K, N, *], head)``: ``likelihoods.output_features`` at the ``mask [B, T-1]`` positions."""
-    features, head = output_features(ensemble, input_ids, attention_mask)  # [K, B, T, H or V]
+    """``(features [K, N, *], head)``: ``LoraEnsemble.output_features`` at the ``mask [B, T-1]`` positions."""
+    features, head = ensemble.output_features(input_ids, attention_mask)  # [K, B, T, H or V]
     return features[:, :, :-1][:, mask], head
 
 
@@ -125,7 +110,7 @@ def completion_scores(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention
         log_weights: ``[K]`` or ``[K, B]`` normalised log mixture weights; uniform if None.
         chunk_size: completion positions per output-head call (bounds the ``[K, chunk, V]`` logits).
     """
-    K, (B, T) = active_members(ensemble), input_ids.shape
+    K, (B, T) = ensemble.output_members, input_ids.shape
     log_weights = row_log_weights(log_weights, K, B).to(input_ids.device)  # [K, B]
     mask = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: position t-1 predicts labels[t]
     targets = labels[:, 1:][mask]  # [N]
@@ -154,38 +139,6 @@ def completion_scores(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention
                        log_weights)
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> tuple[list[int], str]:
-    """``(ids, text)`` of a prompt: plain text with the tokenizer's BOS, or messages through the chat template."""
-    encoder = Encoder(tokenizer)
-    if isinstance(prompt, str):
-        return encoder.bos + encoder.ids(prompt), prompt
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return encoder.ids(text), text
-
-
-def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, completion_ids)``; the completion's ids are the targets (no EOS appended)."""
-    prompt_ids, text = encode_prompt(tokenizer, prompt)
-    _, completion_ids = Encoder(tokenizer).split(text, completion)
-    return prompt_ids, completion_ids
-
-
-def pad_right(prompt_rows: list[list[int]], completion_rows: list[list[int]], pad_token_id: int,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask, labels)`` ``[B, T]``: prompt then completion, right-padded; only the
-    completion tokens are targets."""
-    length = max(len(p) + len(c) for p, c in zip(prompt_rows, completion_rows, strict=True))
-    input_ids = torch.full((len(prompt_rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    for i, (prompt, completion) in enumerate(zip(prompt_rows, completion_rows, strict=True)):
-        n, m = len(prompt), len(completion)
-        input_ids[i, : n + m] = torch.tensor(prompt + completion, dtype=torch.long)
-        attention_mask[i, : n + m] = 1
-        labels[i, n: n + m] = torch.tensor(completion, dtype=torch.long)
-    return input_ids.to(device), attention_mask.to(device), labels.to(device)
-
-
 def token_uncertainty(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
                       completions: Sequence[str], weights: Sequence[float] | None = None,
                       batch_size: int = 8) -> list[dict]:
@@ -197,7 +150,7 @@ def token_uncertainty(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase
     """
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; expected one each")
-    log_weights = normalised_log_weights(weights, active_members(ensemble))
+    log_weights = normalised_log_weights(weights, ensemble.output_members)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(ensemble.parameters()).device
     results = []

@@ -11,26 +11,25 @@ that update (``"skip"``), naming the step and the members.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
+import os
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter_weights, save_ensemble
-from renyi_lora.likelihoods import IGNORE_INDEX
+from renyi_lora import prepare
+from renyi_lora.config import RenyiConfig
+from renyi_lora.data import SFTCollator, load_sft_dataset
+from renyi_lora.ensemble import LoraEnsemble
+from renyi_lora.io import last_complete_checkpoint
+from renyi_lora.likelihoods import IGNORE_INDEX, sequence_loglik
 from renyi_lora.objective import gaussian_prior, renyi_loss, routed_loss
+from renyi_lora.outputs import SavingMixin
 
 logger = logging.getLogger(__name__)
 
@@ -39,102 +38,55 @@ class NonFiniteError(FloatingPointError):
     """A non-finite loss, member log-likelihood or gradient with ``nonfinite="stop"``; the message names the step."""
 
 
-@dataclass
-class RenyiConfig(TrainingArguments, EnsembleConfig):
-    """Training arguments: the Trainer's own flags, the ensemble's shape and the objective's knobs."""
-
-    alpha: float = field(default=1.0, metadata={"help": "Renyi order: 0 = variational Bayes (every member fits all "
-                         "data), 1 = mixture likelihood (members may specialise), >1 sharper routing, inf = "
-                         "winner-take-all."})
-    alpha_warmup_ratio: float = field(default=0.5, metadata={"help": "Raise alpha from 0 to --alpha over this "
-                                      "fraction of the training steps (deterministic annealing): members first fit "
-                                      "what all examples share, then split along their largest disagreement, which "
-                                      "is what makes them split by group instead of memorising examples one by one "
-                                      "(docs/specialisation.md). Linear in alpha; with --alpha inf, alpha = s / (N - "
-                                      "s) at step s of N: 1 (the mixture) halfway, winner-take-all from step N. 0 = "
-                                      "off."})
-    alpha_warmup_steps: int | None = field(default=None, metadata={"help": "Length of the alpha warm-up in optimizer "
-                                           "steps; overrides --alpha_warmup_ratio when given (0 = off)."})
-    prior_std: float = field(default=1.0, metadata={"help": "Std of the Gaussian prior N(0, prior_std^2) on LoRA "
-                             "parameters."})
-    prior_weight: float = field(default=1e-4, metadata={"help": "Weight of the prior term (1/K) sum_k ||theta_k||^2 / "
-                                "(2 prior_std^2) added to the mean per-example loss; 1/num_examples is the "
-                                "Bayesian weight."})
-    length_normalize: bool = field(default=False, metadata={"help": "Use the mean instead of the sum of token "
-                                   "log-likelihoods, which makes alpha comparable across lengths."})
-    routing_level: Literal["sequence", "token"] = field(default="sequence", metadata={"help": "Route whole "
-                                                        "examples (sequence) or each token (token) to members."})
-    # Defaults that differ from TrainingArguments: LoRA learning rate, frequent logging, our own columns.
-    learning_rate: float = field(default=2e-4, metadata={"help": "Initial AdamW learning rate."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (needed: 'group')."})
-    # Every LoRA parameter takes part in every forward and the frozen base has no gradients for DDP to wait on,
-    # so the Trainer's default for non-PreTrainedModel models (True) only adds a graph traversal per step.
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP's find_unused_parameters "
-                                                    "(not needed: every LoRA parameter is used in every step)."})
-    member_chunk_size: int | None = field(default=None, metadata={"help": "Train the members in chunks of this "
-                                          "many (default: all at once). Every member's log-likelihood and the "
-                                          "routing come first, then each chunk backpropagates -sum_k w[k,b] "
-                                          "L[k,b] / B: the same gradients with one chunk's activation memory, for "
-                                          "one extra no-grad forward of K - c members."})
-    nonfinite: Literal["stop", "skip"] = field(default="stop", metadata={"help": "On a non-finite loss, member "
-                                               "log-likelihood or gradient: 'stop' raises, naming the step and the "
-                                               "members (checkpoints already written stay intact); 'skip' drops that "
-                                               "step's update and counts it in train_summary.json."})
-
-    def __post_init__(self) -> None:
-        EnsembleConfig.__post_init__(self)
-        if not self.alpha >= 0:
-            raise ValueError(f"--alpha must be >= 0 (or inf); got {self.alpha}")
-        if self.alpha_warmup_steps is not None and self.alpha_warmup_steps < 0:
-            raise ValueError(f"--alpha_warmup_steps must be >= 0; got {self.alpha_warmup_steps}")
-        if not 0 <= self.alpha_warmup_ratio <= 1:
-            raise ValueError(f"--alpha_warmup_ratio must be in [0, 1]; got {self.alpha_warmup_ratio}")
-        if self.prior_std <= 0 or self.prior_weight < 0:
-            raise ValueError(f"need --prior_std > 0 and --prior_weight >= 0; got {self.prior_std}, {self.prior_weight}")
-        if self.member_chunk_size is not None:
-            if self.member_chunk_size < 1:
-                raise ValueError(f"--member_chunk_size must be >= 1; got {self.member_chunk_size}")
-            if self.routing_level != "sequence":
-                raise ValueError("--member_chunk_size needs --routing_level sequence (token routing couples tokens)")
-        if self.nonfinite not in ("stop", "skip"):
-            raise ValueError(f"--nonfinite must be 'stop' or 'skip'; got {self.nonfinite!r}")
-        super().__post_init__()
-        if not torch.cuda.is_available():
-            self.dataloader_pin_memory = False  # pinning needs CUDA; torch warns on every loader otherwise
-
-    def alpha_warmup_length(self, total_steps: int) -> int:
-        """Optimizer steps of the alpha warm-up in a run of ``total_steps``: ``--alpha_warmup_steps`` if given, else
-        ``--alpha_warmup_ratio`` of them, rounded up (as the Trainer rounds its learning-rate warm-up)."""
-        if self.alpha_warmup_steps is not None:
-            return self.alpha_warmup_steps
-        return math.ceil(self.alpha_warmup_ratio * total_steps)
-
-    def ensemble_config(self) -> EnsembleConfig:
-        """The ``EnsembleConfig`` fields, with ``init_seed`` defaulting to ``--seed`` (the Trainer's seed)."""
-        values = {f.name: getattr(self, f.name) for f in fields(EnsembleConfig)}
-        if values["init_seed"] is None:
-            values["init_seed"] = self.seed
-        return EnsembleConfig(**values)
-
-
 def responsibility_entropy(w: torch.Tensor) -> torch.Tensor:
     """Entropy over members of the routing ``w [K, B]`` -> ``[B]`` (0 = one member, log K = uniform)."""
     return -(torch.xlogy(w, w)).sum(0)
 
 
-class RenyiTrainer(Trainer):
+class RenyiTrainer(SavingMixin, Trainer):
     """Trains a ``LoraEnsemble`` on batches with ``input_ids``, ``attention_mask``, ``labels`` and ``group``."""
 
-    def __init__(self, model: LoraEnsemble, args: RenyiConfig, group_names: list[str] | None = None, **kwargs):
-        super().__init__(model=model, args=args, **kwargs)
-        self.group_names = list(group_names or [])
+    collator_class: type = SFTCollator
+    dataset_loader = staticmethod(load_sft_dataset)
+
+    def __init__(self, model: str | PreTrainedModel | LoraEnsemble, args: RenyiConfig | None = None,
+                 train_dataset=None, eval_dataset=None, processing_class: PreTrainedTokenizerBase | None = None,
+                 data_collator=None, group_names: list[str] | None = None, peft_config=None,
+                 adapters: str | None = None, model_init_kwargs: dict | None = None, trust_remote_code: bool = False,
+                 dataset_split: str | None = None, dataset_config: str | None = None, **kwargs):
+        """``model``: a hub id or local path, a ``PreTrainedModel`` or a ``LoraEnsemble``; fresh members are shaped by
+        ``args`` or by ``peft_config`` (a ``peft.LoraConfig``), or come from a saved ensemble folder (``adapters``).
+        ``train_dataset`` / ``eval_dataset``: a data file, a ``datasets`` object or folder, a hub dataset id (with
+        ``dataset_split`` / ``dataset_config``), a list of dicts (TRL's formats), or tokenised examples. Data and
+        target modules are checked before the base model's weights load (``renyi_lora.prepare``)."""
+        args = args if args is not None else self.default_config()
+        data_names = [str(data) for data in (train_dataset, eval_dataset) if isinstance(data, (str, os.PathLike))]
+        tokenizer = processing_class
+        if tokenizer is None and not (isinstance(model, LoraEnsemble) and prepare.is_tokenized(train_dataset,
+                                                                                               eval_dataset)):
+            tokenizer = prepare.prepare_tokenizer(model, processing_class, trust_remote_code)
+        prepare.check_model(model, args, peft_config, adapters, trust_remote_code)
+        train_dataset, eval_dataset = (
+            prepare.prepare_dataset(data, tokenizer, args.max_length, self.dataset_loader, split, dataset_config)
+            for data, split in ((train_dataset, dataset_split), (eval_dataset, None)))
+        # For the model card; the CLI adds the command that produced the run.
+        self.card_info = {"base_model": prepare.model_name(model), "datasets": data_names, "command": None}
+        model = prepare.prepare_ensemble(model, args, peft_config, adapters, trust_remote_code, model_init_kwargs)
+        if data_collator is None and tokenizer is not None:
+            data_collator = self.collator_class(tokenizer.pad_token_id)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, data_collator=data_collator, **kwargs)
+        self.group_names = list(group_names or getattr(train_dataset, "group_names", None) or [])
         self.model_accepts_loss_kwargs = False  # our loss is a per-example mean: let the Trainer scale it
         # Per-batch metrics of this process as 0-dim tensors; `log` averages them over batches and processes.
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
                                                                    "eval": defaultdict(list)}
         self._routing: dict[str, torch.Tensor] = {}
         self._nonfinite: torch.Tensor | None = None  # [2, K] bool: log-likelihood, loss, OR-ed over micro-batches
+
+    @staticmethod
+    def default_config() -> RenyiConfig:
+        return RenyiConfig(output_dir="renyi-lora-output")
 
     @property
     def ensemble(self) -> LoraEnsemble:
@@ -168,10 +120,12 @@ class RenyiTrainer(Trainer):
         """``L [K, B]`` of the members that run (all, or the chunk selected with ``ensemble.members``), float32."""
         labels = inputs["labels"]
         token = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), labels=labels)
-        loglik = token.float().sum(-1)  # [K, B]
-        if self.args.length_normalize:
-            loglik = loglik / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
-        return loglik
+        return sequence_loglik(token, labels, self.args.length_normalize)  # [K, B]
+
+    def target_counts(self, inputs: dict) -> torch.Tensor | None:
+        """``[B]`` target tokens of each example, for the per-token NLL metric (None where the likelihood is not one of
+        tokens, as in DPO)."""
+        return (inputs["labels"] != IGNORE_INDEX).sum(-1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: RenyiConfig = self.args
@@ -185,7 +139,7 @@ class RenyiTrainer(Trainer):
         if self.model.training:  # checked once per optimizer step, in `_check_finite`
             bad = torch.stack([~torch.isfinite(loglik.detach()).all(1), ~torch.isfinite(loss.detach()).expand(len(w))])
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
-        self._record(data_term, prior, w, loglik, group)
+        self._record(data_term, prior, w, loglik, group, self.target_counts(inputs))
         return (loss, {"responsibilities": w, "loglik": loglik}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -241,7 +195,7 @@ class RenyiTrainer(Trainer):
         loss = data_term + prior
         bad = torch.stack([~torch.isfinite(loglik).all(1), ~torch.isfinite(loss).expand(len(w))])
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
-        self._record(data_term, prior, w, loglik, group)
+        self._record(data_term, prior, w, loglik, group, self.target_counts(inputs))
         return loss.detach() * scale
 
     def _check_finite(self) -> None:
@@ -291,7 +245,7 @@ class RenyiTrainer(Trainer):
         """False while training with logging off: nothing would ever read (and clear) per-batch metrics."""
         return not (self.model.training and self.args.logging_strategy == "no")
 
-    def _record(self, data_term, prior, w, loglik, group) -> None:
+    def _record(self, data_term, prior, w, loglik, group, targets=None) -> None:
         """Keep this process's batch metrics; ``log`` averages them (one collective per log, none per step)."""
         if not self._keeps_metrics:
             return
@@ -307,6 +261,9 @@ class RenyiTrainer(Trainer):
             metrics["renyi/alpha"].append(torch.tensor(self.alpha, device=data_term.device))
         for k, nll in enumerate(-loglik.detach().float().mean(1)):
             metrics[f"member_{k}/nll"].append(nll)
+        if targets is not None:  # per target token, as TRL's SFT `loss`; ours and member_k/nll sum over each example
+            sums = loglik.detach().float() * (targets if self.args.length_normalize else 1)  # [K, B]
+            metrics["nll_per_token"].append(-sums.sum(1).mean() / targets.sum().clamp(min=1))
         if group is not None and self.group_names:
             group = group.to(w.device)
             totals = self._routing.setdefault(mode, w.new_zeros(len(self.group_names), w.shape[0] + 1))
@@ -342,85 +299,46 @@ class RenyiTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Checkpoints hold the adapters only (``ensemble_config.json`` + ``adapters.safetensors``)."""
-        if not self.args.should_save:  # the Trainer calls this on every process; one writer per folder
-            return
-        output_dir = output_dir or self.args.output_dir
-        save_ensemble(self.ensemble, output_dir, state_dict)  # FSDP / DeepSpeed pass the gathered state dict
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        # JSON, not the Trainer's pickled training_args.bin: nothing reads it back, and a pickle can run code on load.
-        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+    @torch.no_grad()
+    def routing_summary(self, dataset: Dataset | None = None) -> dict:
+        """Mean responsibility and mean NLL of each member per group over ``dataset`` (default: the training set;
+        ``"all"`` if there are no groups).
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_adapter_weights(self.ensemble, resume_from_checkpoint)
-
-
-def checkpoint_problem(directory: str | Path) -> str | None:
-    """Why ``directory`` cannot be resumed from, or None if it can.
-
-    The Trainer writes a checkpoint's ``trainer_state.json`` last (after the adapters, optimizer, scheduler and
-    RNG states), so a save that was killed midway lacks it or left it truncated.
-    """
-    directory = Path(directory)
-    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME) if not (directory / name).is_file()]
-    if missing:
-        return f"incomplete checkpoint (no {', '.join(missing)}; was its save interrupted?)"
-    try:
-        json.loads((directory / TRAINER_STATE_NAME).read_text())
-    except ValueError:
-        return f"incomplete checkpoint ({TRAINER_STATE_NAME} is truncated; was its save interrupted?)"
-    return None
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The highest-numbered ``checkpoint-N`` folder in ``output_dir`` whose save finished (None if there is none)."""
-    folders = [path for path in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", path.name)]
-    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[1]), reverse=True):
-        if not folder.is_dir():
-            continue
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return str(folder)
-        logger.warning("skipping %s: %s", folder, problem)
-    return None
+        Each process scores every ``num_processes``-th example and the sums are all-reduced, so every process must
+        call this (as ``save_model`` does) and gets the same result.
+        """
+        args = self.args
+        dataset = self.train_dataset if dataset is None else dataset
+        group_names = list(getattr(dataset, "group_names", None) or self.group_names)
+        model = self.model  # unwrapped: no DDP collectives per batch
+        model.eval()
+        accelerator = self.accelerator
+        shard = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
+        loader = DataLoader(shard, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        names = group_names or ["all"]
+        K = self.ensemble.num_members
+        resp, nll, count = torch.zeros(len(names), K), torch.zeros(len(names), K), torch.zeros(len(names))
+        bar = tqdm(loader, desc="routing summary", disable=args.disable_tqdm or not self.is_world_process_zero())
+        for batch in bar:
+            group = batch.pop("group")  # [B]
+            if not group_names:
+                group = torch.zeros_like(group)
+            with torch.no_grad():
+                _, w, loglik = self.data_term(model, self._prepare_inputs(batch))
+            valid = group >= 0  # examples without a group count in no row
+            group, w, loglik = group[valid], w[:, valid].T.float().cpu(), loglik[:, valid].T.float().cpu()
+            resp.index_add_(0, group, w)
+            nll.index_add_(0, group, -loglik)
+            count.index_add_(0, group, torch.ones(len(group)))
+        self._metrics["eval"].clear()  # data_term recorded these batches as eval metrics, not an evaluation
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(torch.cat([resp, nll, count[:, None]], 1).to(args.device), "sum").cpu()
+            resp, nll, count = sums[:, :K], sums[:, K:-1], sums[:, -1]
+        count = count.clamp(min=1)[:, None]
+        return {
+            "routing": {name: row.tolist() for name, row in zip(names, resp / count, strict=True)},
+            "member_group_nll": {name: row.tolist() for name, row in zip(names, nll / count, strict=True)},
+        }
 
 
-@torch.no_grad()
-def routing_summary(trainer: RenyiTrainer, dataset: Dataset, group_names: list[str]) -> dict:
-    """Mean responsibility and mean NLL of each member per group over ``dataset`` (``"all"`` if no groups).
-
-    Each process scores every ``num_processes``-th example and the sums are all-reduced, so every process must
-    call this (as ``finish_training`` does) and gets the same result.
-    """
-    args: RenyiConfig = trainer.args
-    model = trainer.model  # unwrapped: no DDP collectives per batch
-    model.eval()
-    accelerator = trainer.accelerator
-    shard = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    loader = DataLoader(shard, batch_size=args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
-    names = group_names or ["all"]
-    K = trainer.ensemble.num_members
-    resp, nll, count = torch.zeros(len(names), K), torch.zeros(len(names), K), torch.zeros(len(names))
-    bar = tqdm(loader, desc="routing summary", disable=args.disable_tqdm or not trainer.is_world_process_zero())
-    for batch in bar:
-        group = batch.pop("group")  # [B]
-        if not group_names:
-            group = torch.zeros_like(group)
-        with torch.no_grad():
-            _, w, loglik = trainer.data_term(model, trainer._prepare_inputs(batch))
-        valid = group >= 0  # examples without a group count in no row
-        group, w, loglik = group[valid], w[:, valid].T.float().cpu(), loglik[:, valid].T.float().cpu()
-        resp.index_add_(0, group, w)
-        nll.index_add_(0, group, -loglik)
-        count.index_add_(0, group, torch.ones(len(group)))
-    trainer._metrics["eval"].clear()  # data_term recorded these batches as eval metrics; they are not an evaluation
-    if accelerator.num_processes > 1:
-        sums = accelerator.reduce(torch.cat([resp, nll, count[:, None]], 1).to(args.device), "sum").cpu()
-        resp, nll, count = sums[:, :K], sums[:, K:-1], sums[:, -1]
-    count = count.clamp(min=1)[:, None]
-    return {
-        "routing": {name: row.tolist() for name, row in zip(names, resp / count, strict=True)},
-        "member_group_nll": {name: row.tolist() for name, row in zip(names, nll / count, strict=True)},
-    }
+RenyiSFTTrainer = RenyiTrainer  # TRL's name (``trl.SFTTrainer``) for the same trainer

@@ -44,17 +44,18 @@ class CalibrationBins(NamedTuple):
         return (weights * (self.accuracy - self.confidence).abs()).sum().item()
 
 
-def _log_weights(log_weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """Mixture log-weights ``[K, 1, ..., 1]`` broadcastable to ``like [K, ...]``; uniform ``-log K`` if None."""
+def broadcast_log_weights(log_weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Mixture log-weights shaped to broadcast against ``like [K, ...]``: ``[K]`` (one per member) or per-row
+    ``[K, B, ...]`` (a leading part of ``like``'s shape), padded with trailing 1s; uniform ``-log K`` if None."""
     num_members = like.shape[0]
     if log_weights is None:
         log_weights = torch.full((num_members,), -math.log(num_members), dtype=torch.float64)
-    elif log_weights.shape != (num_members,):
+    elif log_weights.dim() == 0 or log_weights.shape != like.shape[: log_weights.dim()]:
         raise ValueError(
-            f"log_weights must have shape [K] = [{num_members}] (one log mixture weight per member); "
-            f"got {tuple(log_weights.shape)}"
+            f"log_weights must have shape [K] = [{num_members}] (one log mixture weight per member) or a leading "
+            f"part of {list(like.shape)} (per-row weights); got {tuple(log_weights.shape)}"
         )
-    return log_weights.to(like).view(-1, *([1] * (like.dim() - 1)))
+    return log_weights.to(like).view(*log_weights.shape, *([1] * (like.dim() - log_weights.dim())))
 
 
 def entropy(log_probs: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ def mixture_log_probs(member_log_probs: torch.Tensor, log_weights: torch.Tensor 
     Returns:
         ``[..., C]`` ``logsumexp_k(log p_k + log pi_k)``.
     """
-    return torch.logsumexp(member_log_probs + _log_weights(log_weights, member_log_probs), dim=0)
+    return torch.logsumexp(member_log_probs + broadcast_log_weights(log_weights, member_log_probs), dim=0)
 
 
 def decompose_uncertainty(member_log_probs: torch.Tensor, log_weights: torch.Tensor | None = None) -> Uncertainty:
@@ -98,7 +99,7 @@ def decompose_uncertainty(member_log_probs: torch.Tensor, log_weights: torch.Ten
     if member_log_probs.dim() < 2:
         raise ValueError(f"member_log_probs must be [K, ..., C] (at least 2 dims); got {tuple(member_log_probs.shape)}")
     total = entropy(mixture_log_probs(member_log_probs, log_weights))
-    weights = _log_weights(log_weights, member_log_probs).squeeze(-1).exp()  # [K, 1, ..., 1] over [...]
+    weights = broadcast_log_weights(log_weights, member_log_probs).squeeze(-1).exp()  # [K, 1, ..., 1] over [...]
     aleatoric = (weights * entropy(member_log_probs)).sum(0)
     return Uncertainty(total, aleatoric, (total - aleatoric).clamp_min(0.0))
 
@@ -114,7 +115,7 @@ def member_disagreement(stat: torch.Tensor, log_weights: torch.Tensor | None = N
         ``[...]`` ``sum_k pi_k (s_k - m)^2`` with ``m = sum_k pi_k s_k`` (population variance, no Bessel
         correction: the members are the whole mixture, not a sample from it).
     """
-    weights = _log_weights(log_weights, stat).exp()
+    weights = broadcast_log_weights(log_weights, stat).exp()
     mean = (weights * stat).sum(0)
     return (weights * (stat - mean) ** 2).sum(0)
 

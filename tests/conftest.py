@@ -1,4 +1,29 @@
-"""Shared fixtures: a tiny character-level tokenizer and tiny random causal LMs, built in process."""
+"""Shared fixtures: a tiny character-level tokenizer and tiny random causal LMs, built in process; every test runs
+torch on one thread (``one_thread``, autouse). Long behavioural runs are marked ``slow`` (``make test`` skips them;
+``pytest -m slow`` runs them).
+
+Where each module's tests live (module in ``renyi_lora/``: files in ``tests/``):
+
+- objective: test_objective (vs mpmath, edge cases)
+- uncertainty, plots: test_uncertainty (vs scikit-learn / torchmetrics), test_plots
+- config, ensemble, likelihoods, io: test_ensemble (vs PEFT, the fused head, shared trunk), test_architectures (11
+  families), test_eval_mixtures (mixtures of folders)
+- records, sources, data, preference_data: test_data, test_bad_input (one-line errors), test_sources (datasets
+  objects, folders, hub ids)
+- prepare, train, outputs: test_trainer_api (TRL-shaped trainers, the README's snippets), test_trainer_defects,
+  test_faults (resume, non-finite), test_member_chunks, test_compile, test_alpha_warmup, test_distributed (torchrun)
+- preference: test_preference (vs TRL's DPO loss, behaviour)
+- model_card: test_model_card (metadata parsed by huggingface_hub, upload selection)
+- inference, scoring, token_uncertainty, generate: test_scoring, test_generate
+- evaluate, ood, report: test_evaluate, test_eval_mixtures
+- curvature, refine, stability, critical: test_stability (closed forms), test_critical
+- harness: test_harness (lm-evaluation-harness, members via hf+peft and the mixture)
+- commands/, cli: test_cli, test_bad_input, test_trainer_api, test_eval_mixtures
+- demo/: test_demo, test_analogy_data
+- the method's behaviour: test_specialisation, test_group_split (slow seeds), test_alpha_warmup, test_preference
+- the package's shape: test_structure (import circles, wings, sizes)
+- benchmarks/quality: test_quality_data, test_quality_benchmark
+"""
 
 from __future__ import annotations
 
@@ -76,9 +101,11 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny matmuls on a shared 2-core machine are ~100x slower with two contending threads."""
+    """Every test runs torch on one thread: tiny matmuls on a shared 2-core machine are ~100x slower with two
+    contending threads, and one thread makes the numbers independent of the machine's core count. Subprocesses
+    (the CLI, torchrun) get ``OMP_NUM_THREADS=1`` from their tests."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -19,7 +19,7 @@ from transformers import HfArgumentParser
 from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.preference import DPOConfig
-from renyi_lora.train import RenyiConfig, RenyiTrainer, routing_summary
+from renyi_lora.train import RenyiConfig, RenyiTrainer
 
 RECORDS = [{"prompt": f"q{i}:", "completion": f" a{i % 3}b", "group": f"g{i % 2}"} for i in range(8)]
 
@@ -122,7 +122,6 @@ def factorial_records(seed: int) -> list[dict]:
 
 def group_owners(tmp_path, seed: int, warmup: int) -> tuple[list[int], list[float]]:
     """Train K = 4 at alpha = 1; each group's owning member and its mean responsibility."""
-    torch.set_num_threads(1)
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in factorial_records(seed)))
     tokenizer = make_tokenizer()
@@ -138,7 +137,7 @@ def group_owners(tmp_path, seed: int, warmup: int) -> tuple[list[int], list[floa
     trainer = RenyiTrainer(model=ensemble, args=args, group_names=dataset.group_names, train_dataset=dataset,
                            data_collator=SFTCollator(tokenizer.pad_token_id))
     trainer.train()
-    routing = torch.tensor([routing_summary(trainer, dataset, dataset.group_names)["routing"][g] for g in "ABCD"])
+    routing = torch.tensor([trainer.routing_summary(dataset)["routing"][g] for g in "ABCD"])
     return routing.argmax(1).tolist(), routing.max(1).values.tolist()
 
 

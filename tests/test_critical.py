@@ -13,8 +13,8 @@ import torch
 from conftest import load_example, make_llama, make_tokenizer
 
 from renyi_lora.cli import main
+from renyi_lora.commands.critical_alpha import CriticalAlphaArguments
 from renyi_lora.critical import (
-    CriticalAlphaArguments,
     completion_loglik_fn,
     estimate_critical_alpha,
     load_point,
@@ -30,15 +30,6 @@ from renyi_lora.stability import NotAMinimumError
 example = load_example("critical_alpha_lm")
 
 PRIOR_WEIGHT = 1e-4  # the training default, used to fit the adapter and passed to the estimator
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Module-scoped, so that the fitted adapter below is also built on one thread (a second only adds contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -12,17 +12,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import PreTrainedTokenizerFast
 
-from renyi_lora import data, preference_data
-from renyi_lora.data import (
-    IGNORE_INDEX,
-    DataError,
-    PreferenceCollator,
-    SFTCollator,
-    load_multiple_choice,
-    load_preference_dataset,
-    load_sft_dataset,
-    read_records,
-)
+import renyi_lora
+from renyi_lora import data, evaluate, preference_data
+from renyi_lora.data import IGNORE_INDEX, SFTCollator, load_sft_dataset
+from renyi_lora.evaluate import load_multiple_choice
+from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
+from renyi_lora.records import DataError, read_records
 
 USER = {"role": "user", "content": "hi"}
 SYSTEM = {"role": "system", "content": "be brief"}
@@ -439,15 +434,16 @@ def test_multiple_choice_items(tmp_path):
     path = tmp_path / "mc.jsonl"
     path.write_text("\n".join(json.dumps(record) for record in records[:1]) + "\n\n" + json.dumps(records[1]) + "\n")
     items = load_multiple_choice(path)
-    assert items == [preference_data.MultipleChoiceItem("Q1", ["A", "B", "C"], 2, "maths", 1),
-                     preference_data.MultipleChoiceItem("Q2", ["yes", "no"], 0, None, 3)]
+    assert items == [evaluate.MultipleChoiceItem("Q1", ["A", "B", "C"], 2, "maths", 1),
+                     evaluate.MultipleChoiceItem("Q2", ["yes", "no"], 0, None, 3)]
 
 
-def test_preference_api_is_reexported_from_data():
-    assert data.load_preference_dataset is preference_data.load_preference_dataset
-    assert data.PreferenceCollator is preference_data.PreferenceCollator
+def test_data_api_is_exported_from_the_package():
+    assert renyi_lora.load_preference_dataset is preference_data.load_preference_dataset
+    assert renyi_lora.PreferenceCollator is preference_data.PreferenceCollator
+    assert renyi_lora.load_sft_dataset is data.load_sft_dataset
     with pytest.raises(AttributeError):
-        data.no_such_name  # noqa: B018
+        renyi_lora.no_such_name  # noqa: B018
 
 
 def test_chat_template_failure_is_a_data_error(tokenizer, tmp_path):

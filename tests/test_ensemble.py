@@ -9,9 +9,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble, sequence_logliks, token_logliks
 from renyi_lora.io import export_peft
-from renyi_lora.likelihoods import sequence_logliks, token_logliks
 
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from renyi_lora.cli import main
-from renyi_lora.data import MultipleChoiceItem
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.evaluate import choice_log_probs, evaluate_multiple_choice, format_table, write_report
+from renyi_lora.evaluate import MultipleChoiceItem, choice_log_probs, evaluate_multiple_choice
+from renyi_lora.report import format_table, write_report
 from renyi_lora.token_uncertainty import token_uncertainty
 
 ITEMS = [

@@ -18,11 +18,13 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from renyi_lora import io
-from renyi_lora.data import PreferenceCollator, SFTCollator, load_preference_dataset, load_sft_dataset
+from renyi_lora.commands.train import resume_checkpoint
+from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+from renyi_lora.io import last_complete_checkpoint
 from renyi_lora.preference import DPOConfig, RenyiDPOTrainer
-from renyi_lora.recipes import finish_training, resume_checkpoint
-from renyi_lora.train import NonFiniteError, RenyiConfig, RenyiTrainer, last_complete_checkpoint
+from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
+from renyi_lora.train import NonFiniteError, RenyiConfig, RenyiTrainer
 
 SFT_RECORDS = [{"prompt": f"q{i}:", "completion": f" answer {i % 3}", "group": "even" if i % 2 == 0 else "odd"}
                for i in range(16)]
@@ -312,7 +314,8 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path):
     assert all(state["step"] == 4 for state in trainer.optimizer.state_dict()["state"].values())  # ... nor moments
     state = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "nonfinite_skipped" in e] == [3]  # survives a resume
-    summary = finish_training(trainer, dataset, result, {})
+    trainer.save_model()
+    summary = trainer.summary
     written = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["num_nonfinite_skips"] == written["num_nonfinite_skips"] == 1
     assert written["nonfinite_skipped_steps"] == [3]

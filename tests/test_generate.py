@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.generate import IncrementalForward, choose_tokens, generate, prompt_log_weights
-from renyi_lora.token_uncertainty import completion_scores, pad_right
+from renyi_lora.generate import choose_tokens, generate, prompt_log_weights
+from renyi_lora.inference import IncrementalForward, pad_right
+from renyi_lora.token_uncertainty import completion_scores
 
 PROMPTS = ["hello there", "ab", "a longer prompt, with commas"]
 EOS = 1

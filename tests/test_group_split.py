@@ -33,7 +33,7 @@ from conftest import answer_records, make_llama, make_tokenizer
 
 from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import LoraEnsemble
-from renyi_lora.train import RenyiConfig, RenyiTrainer, routing_summary
+from renyi_lora.train import RenyiConfig, RenyiTrainer
 
 NUM_QUESTIONS, REPEATS, STEPS, HELD_OUT = 10, 6, 600, 40
 # (number of groups, answers per example): the settings the default is asserted on.
@@ -81,7 +81,7 @@ def held_out_routing(tmp_path, seed: int, groups: int, answers: int, **flags) ->
     trainer = RenyiTrainer(model=ensemble, args=args, group_names=train_set.group_names, train_dataset=train_set,
                            data_collator=SFTCollator(tokenizer.pad_token_id))
     trainer.train()
-    routing = routing_summary(trainer, held_out_set, held_out_set.group_names)["routing"]  # at the target alpha
+    routing = trainer.routing_summary(held_out_set)["routing"]  # at the target alpha
     return torch.tensor(list(routing.values()))  # [G, K]
 
 

@@ -69,8 +69,6 @@ metric_list:
 def setup(model_dir, tmp_path_factory):
     """A saved 2-member ensemble on the tiny Llama (random B: the members differ), its PEFT export as
     ``renyi-lora sft`` lays it out (``<out>/peft/member_k``), and a local lm-eval task over ``ITEMS``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("harness")
     model, tokenizer = load_model_and_tokenizer(str(model_dir), torch_dtype=torch.float32)
     ensemble = LoraEnsemble(model.eval(), EnsembleConfig(num_members=2, rank=4, init_lora_b_std=0.3, init_seed=1))
@@ -84,7 +82,6 @@ def setup(model_dir, tmp_path_factory):
     (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
     yield {"model_dir": model_dir, "out": out, "data": data, "tasks": tasks, "ensemble": ensemble,
            "tokenizer": tokenizer, "task_manager": TaskManager(include_path=str(tasks))}
-    torch.set_num_threads(threads)
 
 
 def run_lm_eval(setup, model: str, model_args: str) -> tuple[float, list[list[float]], object]:

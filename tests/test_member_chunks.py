@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import make_llama, make_tokenizer
 
-from renyi_lora.data import PreferenceCollator, SFTCollator, load_preference_dataset, load_sft_dataset
+from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.preference import DPOConfig, RenyiDPOTrainer
+from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
 from renyi_lora.train import RenyiConfig, RenyiTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,6 @@ import shutil
 import huggingface_hub
 import huggingface_hub.constants
 import pytest
-import torch
 from huggingface_hub import ModelCard
 
 from renyi_lora.cli import main
@@ -27,15 +26,10 @@ def trained(tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("card")
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        main(["sft", "--model", str(model_dir), "--data", str(data), "--output_dir", str(root / "out"),
-              "--num_members", "2", "--rank", "2", "--alpha", "1", "--max_steps", "2", "--save_steps", "1",
-              "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true",
-              "--use_cpu", "true", "--seed", "0"])
-    finally:
-        torch.set_num_threads(threads)
+    main(["sft", "--model", str(model_dir), "--data", str(data), "--output_dir", str(root / "out"),
+          "--num_members", "2", "--rank", "2", "--alpha", "1", "--max_steps", "2", "--save_steps", "1",
+          "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true",
+          "--use_cpu", "true", "--seed", "0"])
     return root / "out", data
 
 

@@ -12,10 +12,9 @@ import torch
 from conftest import make_llama, make_tokenizer
 from torch.nn import functional as F
 
-from renyi_lora.data import PreferenceCollator, load_preference_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.preference import DPOConfig, RenyiDPOTrainer, preference_loglik
-from renyi_lora.train import routing_summary
+from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
 
 
 def case_records(seed: int, repeats: int, num_prompts: int = 24) -> list[dict]:
@@ -116,13 +115,12 @@ def train_case_rule(tmp_path, alpha: float, seed: int):
         _, _, loglik = trainer.data_term(ensemble.eval(), batch)
     accuracy = torch.stack([(loglik[:, group == g] > -0.6931).float().mean(1) for g in (0, 1)])  # [G, K]
     probability = torch.stack([loglik[:, group == g].exp().mean(1) for g in (0, 1)])  # [G, K]
-    routing = torch.tensor(list(routing_summary(trainer, dataset, dataset.group_names)["routing"].values()))
+    routing = torch.tensor(list(trainer.routing_summary(dataset)["routing"].values()))
     return accuracy, probability, routing
 
 
 @pytest.mark.parametrize(("alpha", "seed"), [(4.0, 0), (4.0, 1), (float("inf"), 0)])
 def test_members_take_opposite_sides_beyond_alpha_one(tmp_path, alpha, seed):
-    torch.set_num_threads(1)
     accuracy, _, routing = train_case_rule(tmp_path, alpha, seed)
     owner = accuracy.argmax(1)  # [G]: the member that agrees with each group on held-out pairs
     assert owner[0] != owner[1], accuracy
@@ -131,7 +129,6 @@ def test_members_take_opposite_sides_beyond_alpha_one(tmp_path, alpha, seed):
 
 
 def test_alpha_zero_members_stay_indifferent(tmp_path):
-    torch.set_num_threads(1)
     _, probability, routing = train_case_rule(tmp_path, 0.0, 0)
     assert (probability - 0.5).abs().max() < 0.1, probability
     assert torch.allclose(routing, torch.full_like(routing, 0.5))

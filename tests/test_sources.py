@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from renyi_lora.data import DataError
+from renyi_lora.records import DataError
 from renyi_lora.sources import check_source, read_source, source_kind
 
 datasets = pytest.importorskip("datasets")

@@ -19,7 +19,7 @@ from conftest import answer_records, make_llama, make_tokenizer
 from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.objective import responsibilities
-from renyi_lora.train import RenyiConfig, RenyiTrainer, routing_summary
+from renyi_lora.train import RenyiConfig, RenyiTrainer
 
 
 def conflicting_records(answers_per_example: int, seed: int, num_prompts: int = 20, repeats: int = 8) -> list[dict]:
@@ -47,12 +47,11 @@ def train_tiny(tmp_path, records, alpha: float, seed: int, steps: int, tie_a: bo
     trainer = RenyiTrainer(model=ensemble, args=args, group_names=dataset.group_names, train_dataset=dataset,
                            data_collator=SFTCollator(tokenizer.pad_token_id))
     trainer.train()
-    return trainer, dataset, routing_summary(trainer, dataset, dataset.group_names)
+    return trainer, dataset, trainer.routing_summary(dataset)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_identifiable_groups_split_at_alpha_one(tmp_path, seed):
-    torch.set_num_threads(1)
     _, _, summary = train_tiny(tmp_path, conflicting_records(4, seed), alpha=1.0, seed=seed, steps=300)
     routing = torch.tensor([summary["routing"]["A"], summary["routing"]["B"]])  # [G, K]
     owner = routing.argmax(1)
@@ -61,7 +60,6 @@ def test_identifiable_groups_split_at_alpha_one(tmp_path, seed):
 
 
 def test_alpha_zero_keeps_generalists(tmp_path):
-    torch.set_num_threads(1)
     _, _, summary = train_tiny(tmp_path, conflicting_records(4, 0), alpha=0.0, seed=0, steps=300)
     nll_a, nll_b = summary["member_group_nll"]["A"], summary["member_group_nll"]["B"]
     for k in range(2):
@@ -79,7 +77,6 @@ def _example_routing(trainer, dataset, alpha):
 
 
 def test_single_answer_conflict_routes_sharply_at_alpha_four(tmp_path):
-    torch.set_num_threads(1)
     trainer, dataset, summary = train_tiny(tmp_path, conflicting_records(1, 0, repeats=4), alpha=4.0, seed=0, steps=300)
     w, _ = _example_routing(trainer, dataset, 4.0)
     assert w.max(0).values.mean() > 0.9
@@ -87,7 +84,6 @@ def test_single_answer_conflict_routes_sharply_at_alpha_four(tmp_path):
 
 
 def test_single_answer_conflict_keeps_a_fifty_fifty_member_at_small_alpha(tmp_path):
-    torch.set_num_threads(1)
     trainer, dataset, summary = train_tiny(tmp_path, conflicting_records(1, 0, repeats=4), alpha=0.2, seed=0, steps=300)
     w, _ = _example_routing(trainer, dataset, 0.2)
     nll_a, nll_b = summary["member_group_nll"]["A"], summary["member_group_nll"]["B"]
@@ -97,7 +93,6 @@ def test_single_answer_conflict_keeps_a_fifty_fifty_member_at_small_alpha(tmp_pa
 
 
 def test_tied_a_members_stay_identical(tmp_path):
-    torch.set_num_threads(1)
     trainer, _, summary = train_tiny(tmp_path, conflicting_records(4, 0), alpha=1.0, seed=0, steps=30, tie_a=True)
     for layer in trainer.ensemble.lora_layers().values():
         assert layer.lora_B.abs().sum() > 0

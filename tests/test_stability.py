@@ -25,15 +25,6 @@ DTYPE = torch.float64
 NUM_FEATURES, NUM_EXAMPLES = 8, 90
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second thread only adds contention (400 toy steps take 13 s with 2, 0.1 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- a small misspecified logistic regression (nn.Linear through functional_call), fitted by Newton's method ---
 
 

@@ -8,23 +8,19 @@ from pathlib import Path
 
 import torch
 
-from renyi_lora.data import load_multiple_choice
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.evaluate import evaluate_multiple_choice, format_table, ood_detection, results_table, write_report
-from renyi_lora.io import load_adapter_mixture
-from renyi_lora.models import DEFAULT_MODEL, check_model_exists, load_model_and_tokenizer, resolve_device
+from renyi_lora.commands.common import ModelArguments, load_for_inference
+from renyi_lora.evaluate import evaluate_multiple_choice, load_multiple_choice, ood_detection
 from renyi_lora.plots import mi_histogram, risk_coverage_plot
+from renyi_lora.report import format_table, results_table, write_report
 from renyi_lora.uncertainty import risk_coverage_curve
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(ModelArguments):
     """Flags of ``renyi-lora eval``."""
 
     data: str = field(default=None, metadata={"help": "Multiple-choice file (.jsonl, .json or .parquet) of "
                       "{prompt, choices, answer[, group]} records."})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base causal LM: 'smollm2-135m' (embedded), a local "
-                       "Hugging Face folder or a hub id."})
     adapters: list[str] | None = field(default=None, metadata={"help": "One or more adapter folders scored as one "
                                        "mixture: saved ensembles (all their members) and PEFT LoRA adapters (one "
                                        "member each, e.g. K LoRAs trained independently: a deep ensemble). Required "
@@ -46,7 +42,6 @@ class EvalArguments:
                                       "prompt's own tokens (one more forward per item); default: on with --ood_data."})
     batch_size: int = field(default=16, metadata={"help": "(item, choice) rows per forward pass."})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder/hub."})
 
     def __post_init__(self) -> None:
         for flag, path in (("--data", self.data), ("--ood_data", self.ood_data)):
@@ -64,18 +59,6 @@ class EvalArguments:
             raise ValueError(f"--batch_size must be >= 1; got {self.batch_size}")
         if self.input_scores is None:
             self.input_scores = self.ood_data is not None
-
-
-def load_for_inference(model_name: str, adapters: list[str] | None, members: list[int] | None = None,
-                       trust_remote_code: bool = False, device: str = "auto"):
-    """``(ensemble, tokenizer)``: the base model in float32 on ``device`` with the adapters of ``adapters`` (a fresh
-    disabled-anyway member when there are none, for the base model alone)."""
-    check_model_exists(model_name)
-    model, tokenizer = load_model_and_tokenizer(model_name, trust_remote_code, torch_dtype=torch.float32)
-    model.to(resolve_device(device)).eval()
-    if adapters:
-        return load_adapter_mixture(model, adapters, members), tokenizer
-    return LoraEnsemble(model, EnsembleConfig(num_members=1)), tokenizer
 
 
 def run_eval(args: EvalArguments) -> dict:

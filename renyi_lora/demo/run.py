@@ -1,7 +1,7 @@
 """``renyi-lora demo``: soft specialists at work on the embedded SmolLM2-135M, offline, in minutes on a CPU.
 
 Trains K = 4 members at alpha = 0 (the plain ensemble), 1 (the mixture) and 4 (toward winner-take-all), and a
-single adapter (K = 1) the same way, on data generated in code (``demo_data``): four house styles that share
+single adapter (K = 1) the same way, on data generated in code (``renyi_lora.demo.data``): four house styles that share
 every prompt and disagree on spelling and case (conflicting, identifiable: three words per example), two
 annotators with opposite tastes on one word per example (conflicting, not identifiable), and capital cities that
 everyone agrees on (consistent). Then it evaluates each with ``evaluate_multiple_choice``, shows what each member
@@ -12,79 +12,23 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from renyi_lora.data import SFTCollator, load_multiple_choice, load_sft_dataset
-from renyi_lora.demo_data import CONFLICTING, CONSISTENT, ONE_DECISION, write_demo_data
+from renyi_lora.data import load_sft_dataset
+from renyi_lora.demo.data import CONFLICTING, CONSISTENT, ONE_DECISION, write_demo_data
+from renyi_lora.demo.real_text import run_real_text
+from renyi_lora.demo.training import DemoArguments, train_ensemble
 from renyi_lora.ensemble import LoraEnsemble
-from renyi_lora.evaluate import evaluate_multiple_choice, format_number, format_table
+from renyi_lora.evaluate import evaluate_multiple_choice, load_multiple_choice
 from renyi_lora.generate import generate
-from renyi_lora.models import DEFAULT_MODEL, load_model_and_tokenizer
+from renyi_lora.models import load_model_and_tokenizer
 from renyi_lora.plots import bar_chart, routing_heatmap
-from renyi_lora.train import RenyiConfig, RenyiTrainer, routing_summary
+from renyi_lora.report import format_number, format_table
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DemoArguments:
-    output_dir: str = field(default="demo_output", metadata={"help": "Where data, ensembles, plots and report go."})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base model (the embedded SmolLM2-135M by default)."})
-    alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 4.0], metadata={"help": "Renyi orders to train."})
-    num_members: int = field(default=4, metadata={"help": "K for the ensembles (a K = 1 adapter is trained too)."})
-    max_steps: int = field(default=64, metadata={"help": "Optimizer steps per training run."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per step (per member)."})
-    alpha_warmup_steps: int = field(default=24, metadata={"help": "Raise alpha from 0 over the first N steps "
-                                    "(deterministic annealing; without it some members can lose every example "
-                                    "early and stay unused)."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate."})
-    top_layers: int = field(default=8, metadata={"help": "Adapt only the top N decoder layers; the layers below run "
-                            "once on B rows (a shared trunk), which keeps the demo fast on a CPU."})
-    seed: int = field(default=0, metadata={"help": "Seed for the data, the adapters and the data order."})
-    quick: bool = field(default=False, metadata={"help": "A smaller run: half the steps and alphas 0 and 4 only."})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)."})
-    real_text: Literal["no", "yes", "only"] = field(default="no", metadata={"help": "Part 2 on real text (gensim's "
-                                                    "word analogies, demo_real): 'yes' after part 1, 'only' instead."})
-
-    def __post_init__(self) -> None:
-        if self.quick:
-            self.max_steps, self.alphas = max(self.max_steps // 2, 1), [0.0, 4.0]
-        if self.num_members < 2 or self.max_steps < 1 or any(a < 0 for a in self.alphas):
-            raise ValueError("need --num_members >= 2, --max_steps >= 1 and alphas >= 0")
-        if self.real_text not in ("no", "yes", "only"):
-            raise ValueError(f"--real_text must be 'no', 'yes' or 'only'; got {self.real_text!r}")
-        if self.real_text != "no":
-            from renyi_lora.analogy_data import questions_path
-
-            questions_path()  # no gensim: fail before any training, naming the pip command
-
-
-def _train(args: DemoArguments, tokenizer, dataset, alpha: float, num_members: int, out: Path) -> tuple:
-    model, _ = load_model_and_tokenizer(args.model, torch_dtype=torch.float32)
-    layers = model.config.num_hidden_layers
-    config = RenyiConfig(
-        output_dir=str(out), alpha=alpha, num_members=num_members,
-        alpha_warmup_steps=0 if math.isinf(alpha) else min(args.alpha_warmup_steps, args.max_steps // 2),
-        rank=8, lora_alpha=16,
-        layers_to_transform=list(range(max(layers - args.top_layers, 0), layers)), max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=32, learning_rate=args.learning_rate,
-        lr_scheduler_type="constant", seed=args.seed, save_strategy="no", report_to="none", logging_strategy="no",
-        use_cpu=not torch.cuda.is_available(),
-    )
-    ensemble = LoraEnsemble(model, config.ensemble_config())
-    trainer = RenyiTrainer(model=ensemble, args=config, group_names=dataset.group_names, train_dataset=dataset,
-                           data_collator=SFTCollator(tokenizer.pad_token_id))
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    ensemble.save_pretrained(out)
-    return ensemble.eval(), routing_summary(trainer, dataset, dataset.group_names), seconds
 
 
 # The three kinds of (dis)agreement in the demo data, as (label, groups).
@@ -100,8 +44,6 @@ def run_demo(args: DemoArguments) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.real_text == "only":
-        from renyi_lora.demo_real import run_real_text  # lazy: demo_real imports this module
-
         return {"real_text": run_real_text(args)}
     started = time.perf_counter()
     out = Path(args.output_dir)
@@ -117,7 +59,7 @@ def run_demo(args: DemoArguments) -> dict:
     for name, alpha, num_members in runs:
         print(f"\n== training {name}: {args.max_steps} steps on {len(dataset)} examples ==")
         folder = out / (f"alpha_{alpha:g}" if num_members > 1 else "single")
-        ensemble, routing, seconds = _train(args, tokenizer, dataset, alpha, num_members, folder)
+        ensemble, routing, seconds = train_ensemble(args, tokenizer, dataset, alpha, num_members, folder)
         results = evaluate_multiple_choice(ensemble, tokenizer, items, batch_size=32)
         results.pop("items")
         summary["runs"][name] = {"alpha": alpha, "num_members": num_members, "train_seconds": seconds,
@@ -134,8 +76,6 @@ def run_demo(args: DemoArguments) -> dict:
     _report(summary, out)
     print(f"\nreport: {out / 'report.md'} ({summary['wall_seconds'] / 60:.1f} min)")
     if args.real_text == "yes":
-        from renyi_lora.demo_real import run_real_text
-
         summary["real_text"] = run_real_text(args)
     return summary
 

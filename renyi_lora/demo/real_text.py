@@ -1,11 +1,12 @@
 """``renyi-lora demo --real_text {yes,only}``: the demo's second part, on real text nobody here wrote.
 
-The 14 categories of gensim's word-analogy questions (``analogy_data``) are a multi-task SFT set with one group
+The 14 categories of gensim's word-analogy questions (``demo.analogies``) are a multi-task SFT set with one group
 per category ("Athens is to Greece as Baghdad is to" -> " Iraq"). We train K members at alpha = 1 and a single
-adapter (K = 1) the same way as the first part (``demo._train``: top layers only, a few dozen steps), and compare
-the mixture, the single adapter and the base model (adapters disabled) on held-out four-way multiple choice.
+adapter (K = 1) the same way as the first part (``demo.training.train_ensemble``: top layers only, a few dozen
+steps), and compare the mixture, the single adapter and the base model (adapters disabled) on held-out four-way
+multiple choice.
 
-What to expect (DESIGN.md, "When do members specialise?"): the categories do not conflict (every prompt has one
+What to expect (docs/specialisation.md): the categories do not conflict (every prompt has one
 right answer) and each example is one short decision, so nothing ties a category's examples to one member unless
 one rank-limited adapter cannot fit all fourteen tasks. The purity of the group x member routing (mean over
 groups of the largest mean responsibility) against 1/K is the measurement, whichever way it comes out.
@@ -16,19 +17,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from renyi_lora.analogy_data import write_analogy_data
-from renyi_lora.data import load_multiple_choice, load_sft_dataset
-from renyi_lora.demo import _train
-from renyi_lora.evaluate import evaluate_multiple_choice, format_table
+from renyi_lora.data import load_sft_dataset
+from renyi_lora.demo.analogies import write_analogy_data
+from renyi_lora.demo.training import DemoArguments, train_ensemble
+from renyi_lora.evaluate import evaluate_multiple_choice, load_multiple_choice
 from renyi_lora.models import load_model_and_tokenizer
 from renyi_lora.plots import routing_heatmap
-
-if TYPE_CHECKING:
-    from renyi_lora.demo import DemoArguments
+from renyi_lora.report import format_table
 
 METRICS = ("accuracy", "ece", "nll", "brier")
 
@@ -75,7 +73,8 @@ def run_real_text(args: DemoArguments) -> dict:
     for name, num_members, folder in ((f"mixture K={args.num_members}, alpha=1", args.num_members, "alpha_1"),
                                       ("single adapter (K=1)", 1, "single")):
         print(f"training {name}: {args.max_steps} steps")
-        ensemble, routing, seconds = _train(args, tokenizer, dataset, 1.0, num_members, out / "real_text" / folder)
+        folder = out / "real_text" / folder
+        ensemble, routing, seconds = train_ensemble(args, tokenizer, dataset, 1.0, num_members, folder)
         runs[name] = {"num_members": num_members, "train_seconds": seconds, **routing,
                       "eval": evaluate_multiple_choice(ensemble, tokenizer, items, batch_size=32)}
     runs["base model"] = {"num_members": 0, "train_seconds": 0.0,

@@ -1,0 +1,90 @@
+"""``renyi-lora generate``: flags, loading, generation and the plain-text printout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from renyi_lora.commands.common import ModelArguments, load_for_inference
+from renyi_lora.generate import GenerationResult, Mode, check_generation, generate
+from renyi_lora.inference import Prompt
+from renyi_lora.report import format_number
+
+
+@dataclass
+class GenerateArguments(ModelArguments):
+    """Flags of ``renyi-lora generate``."""
+
+    adapters: str | None = field(default=None, metadata={"help": "Saved ensemble folder."})
+    prompt: list[str] | None = field(default=None, metadata={"help": "A prompt; repeat the flag for several.",
+                                     "action": "extend"})
+    prompts_file: str | None = field(default=None, metadata={"help": "Text file with one prompt per line (blank "
+                                     "lines skipped)."})
+    mode: Mode = field(default="mixture", metadata={"help": "mixture: the weighted mixture's next token; members: "
+                       "each member's own continuation; sample: one member drawn by weight per prompt."})
+    route_on_prompt: bool = field(default=False, metadata={"help": "Weight members by their posterior given the "
+                                  "prompt, w_k ∝ pi_k p_k(prompt)^alpha."})
+    alpha: float = field(default=1.0, metadata={"help": "Order of the prompt posterior (with --route_on_prompt)."})
+    weights: list[float] | None = field(default=None, metadata={"help": "Prior mixture weights, one per member; "
+                                        "uniform if omitted."})
+    members: list[int] | None = field(default=None, metadata={"help": "Use only these members of the ensemble."})
+    base_only: bool = field(default=False, metadata={"help": "Generate with the base model alone (adapters off)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens generated per prompt."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with --do_sample)."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling and for drawing members."})
+    chat: bool = field(default=False, metadata={"help": "Wrap each prompt as a user message and apply the chat "
+                       "template (with its generation prompt)."})
+    output: str | None = field(default=None, metadata={"help": "Also write the results (per-token MI) as JSON."})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', ..."})
+
+    def __post_init__(self) -> None:
+        if not self.prompt and not self.prompts_file:
+            raise ValueError("give at least one --prompt \"...\" or --prompts_file FILE")
+        if self.prompts_file and not Path(self.prompts_file).is_file():
+            raise FileNotFoundError(f"--prompts_file {self.prompts_file}: file not found")
+        if not self.adapters and not self.base_only:
+            raise ValueError("--adapters DIR is required (a saved ensemble), unless --base_only")
+        check_generation(self.mode, self.max_new_tokens, self.temperature, self.top_p, self.alpha)
+
+    def prompts(self) -> list[Prompt]:
+        texts = list(self.prompt or [])
+        if self.prompts_file:
+            texts += [line for line in Path(self.prompts_file).read_text().splitlines() if line.strip()]
+        return [[{"role": "user", "content": text}] for text in texts] if self.chat else texts
+
+
+def run_generate(args: GenerateArguments) -> list[GenerationResult]:
+    """What ``renyi-lora generate`` does: load the model and ensemble, generate, optionally write JSON."""
+    prompts = args.prompts()
+    adapters = [args.adapters] if args.adapters else None
+    ensemble, tokenizer = load_for_inference(args.model, adapters, args.members, args.trust_remote_code, args.device)
+    if args.chat and not tokenizer.chat_template:
+        raise ValueError(f"--chat: the tokenizer of {args.model} has no chat template")
+    disabled = ensemble.adapters_disabled() if args.base_only else contextlib.nullcontext()
+    with disabled:
+        results = generate(ensemble, tokenizer, prompts, args.mode, args.max_new_tokens, args.do_sample,
+                           args.temperature, args.top_p, args.seed, args.route_on_prompt, args.alpha, args.weights)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    return results
+
+
+def format_results(results: list[GenerationResult], member_ids: Sequence[int] | None = None) -> str:
+    """Plain text: each prompt, its weights, and each continuation as ``token(mi)`` pieces."""
+    blocks = []
+    for result in results:
+        prompt = result.prompt if isinstance(result.prompt, str) else result.prompt[-1]["content"]
+        lines = [f"prompt: {prompt!r}", "weights: " + " ".join(f"{w:.3f}" for w in result.weights)]
+        for c in result.continuations:
+            who = "mixture" if c.member is None else f"member {member_ids[c.member] if member_ids else c.member}"
+            end = "eos" if c.finished else "max_new_tokens"
+            lines.append(f"[{who}] {c.text!r}  (mean MI {format_number(c.mean_mi)}, stopped: {end})")
+            lines.append("  " + " ".join(f"{t.text!r}({format_number(t.mi)})" for t in c.tokens))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -1,0 +1,108 @@
+"""What a run saves and publishes: checkpoints (the adapters), and at the end, besides the ensemble, each member as a
+PEFT adapter (``peft/member_k``), ``train_summary.json`` (data, metrics, configuration, routing table) and the model
+card (``README.md``), uploaded to the Hub on request.
+
+``RenyiTrainer`` takes the saving methods from ``SavingMixin``; its ``save_model()`` calls ``write_outputs`` on every
+process (the routing summary is all-reduced), and only the first process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from renyi_lora.io import export_all_peft, load_adapter_weights, save_ensemble
+from renyi_lora.model_card import SUMMARY_NAME, push_to_hub, write_model_card
+
+RenyiTrainer = Any  # renyi_lora.train.RenyiTrainer, which imports this module (annotations only)
+
+logger = logging.getLogger(__name__)
+
+
+def _last_log(trainer: RenyiTrainer, key: str) -> dict[str, Any]:
+    """The last ``log_history`` entry holding ``key`` (the Trainer's final train metrics, the last evaluation)."""
+    return next((dict(entry) for entry in reversed(trainer.state.log_history) if key in entry), {})
+
+
+def training_summary(trainer: RenyiTrainer) -> dict[str, Any]:
+    """The run in numbers: data, final metrics, configuration, skipped steps and the routing table (see
+    ``RenyiTrainer.routing_summary``; at K = 1, or with ``routing_summary=False``, no second pass is made)."""
+    args, dataset = trainer.args, trainer.train_dataset
+    summary = {
+        "num_examples": len(dataset),
+        "num_truncated": getattr(dataset, "num_truncated", 0),
+        "groups": trainer.group_names,
+        "metrics": _last_log(trainer, "train_runtime"),
+        "config": {key: value for key, value in asdict(args).items() if isinstance(value, (int, float, str, list))},
+        "num_nonfinite_skips": len(trainer.nonfinite_skipped_steps),
+        "nonfinite_skipped_steps": trainer.nonfinite_skipped_steps,
+    }
+    evaluation = _last_log(trainer, "eval_loss")
+    if evaluation:
+        summary["eval"] = evaluation
+    if trainer.ensemble.num_members == 1:  # every example goes to the one member: nothing to measure
+        summary["routing"] = {name: [1.0] for name in trainer.group_names or ["all"]}
+    elif args.routing_summary:
+        summary.update(trainer.routing_summary())
+    return summary
+
+
+def write_outputs(trainer: RenyiTrainer, output_dir: str | Path) -> dict[str, Any]:
+    """Write the PEFT exports, ``train_summary.json`` and the model card next to the saved ensemble; returns the
+    summary (on every process)."""
+    summary = training_summary(trainer)
+    if trainer.is_world_process_zero():
+        out = Path(output_dir)
+        export_all_peft(trainer.ensemble, out / "peft")
+        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        info = trainer.card_info
+        write_model_card(out, info["base_model"] or "unknown", datasets=info["datasets"], command=info["command"],
+                         repo_id=trainer.args.hub_model_id if trainer.args.push_to_hub else None)
+        logger.info("wrote %s: the ensemble, peft/, %s and README.md", out, SUMMARY_NAME)
+    return summary
+
+
+class SavingMixin:
+    """The saving side of ``RenyiTrainer`` (a ``transformers.Trainer``): adapters-only checkpoints, the final outputs,
+    the upload to the Hub."""
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Checkpoints hold the adapters only (``ensemble_config.json`` + ``adapters.safetensors``)."""
+        if not self.args.should_save:  # the Trainer calls this on every process; one writer per folder
+            return
+        output_dir = output_dir or self.args.output_dir
+        save_ensemble(self.ensemble, output_dir, state_dict)  # FSDP / DeepSpeed pass the gathered state dict
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        # JSON, not the Trainer's pickled training_args.bin: nothing reads it back, and a pickle can run code on load.
+        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (``_internal_call``): the adapters. Called by the user after ``train()``: the run's outputs
+        (``renyi_lora.outputs``): ensemble, PEFT exports, ``train_summary.json``, model card; pushed to the Hub with
+        ``push_to_hub``. Every process must call it (the routing summary is all-reduced)."""
+        super().save_model(output_dir, _internal_call=True)
+        if not _internal_call:
+            self.summary = write_outputs(self, output_dir or self.args.output_dir)
+            if self.args.push_to_hub:
+                self.push_to_hub()
+
+    def push_to_hub(self, commit_message: str | None = "End of training", **kwargs) -> str | None:
+        """Upload ``output_dir`` (ensemble, PEFT members, card, summary; no checkpoints) to ``--hub_model_id``."""
+        if not self.is_world_process_zero():
+            return None
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
+        return push_to_hub(self.args.output_dir, repo_id, token=self.args.hub_token,
+                           private=self.args.hub_private_repo, commit_message=commit_message)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """No repository is created before training: ``push_to_hub`` creates it when the outputs exist."""
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Checkpoints are not pushed (the final outputs are; see ``save_model``)."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter_weights(self.ensemble, resume_from_checkpoint)
