@@ -3,7 +3,7 @@
 gensim's ``questions-words.txt`` (Mikolov et al., 2013; Apache-2.0 with gensim) holds 14 categories of analogies
 ("Athens is to Greece as Baghdad is to" -> " Iraq"). A 135M model answers them well above chance after a little
 fine-tuning, so they test what MMLU at this size cannot: calibration and out-of-distribution detection where the
-single adapter is clearly above chance. ``renyi_lora.analogy_data`` draws the questions (answers disjoint between
+single adapter is clearly above chance. ``renyi_lora.demo.analogies`` draws the questions (answers disjoint between
 training and evaluation); here the in-distribution categories are split into train / validation / test and the
 held-out categories give the out-of-distribution items. Usage:
 
@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from renyi_lora.analogy_data import build_analogy_data, read_analogies, write_jsonl
+from renyi_lora.demo.analogies import build_analogy_data, read_analogies, write_jsonl
 
 OOD_CATEGORIES = ("currency", "family", "gram2-opposite", "gram5-present-participle")
 SIZES = {False: {"train": 48, "val": 12, "test": 24}, True: {"train": 24, "val": 8, "test": 10}}

