@@ -2,7 +2,7 @@
 
 Data: two groups answer the same questions with different letters (question i: group A says ``LETTERS[2i]``, group
 B ``LETTERS[2i + 1]``), every prompt in both groups, so the data conflict 50/50 prompt by prompt ("q3:" -> "g" or
-"h"). Model: a one-layer Llama of width 128 (initializer_range 0.1, DESIGN.md's note for tiny models) with LoRA on
+"h"). Model: a one-layer Llama of width 128 (initializer_range 0.1: a frozen head reaches confident logits), LoRA on
 ``down_proj``, at two ranks:
 
 - rank 8 can put 1/2 on each answer of every question: the conflict is represented (well specified), alpha* ~ 1;
@@ -27,7 +27,7 @@ It measures how far apart the two members end up, from their completion log-like
   members, 1 when every example is owned by one member);
 - group purity: that posterior averaged per group under the better one-to-one assignment of the groups to the
   members (0.5: no split by group). With one answer per example nothing ties a group's answers across prompts, so
-  purity stays near 0.5 even when members specialise (DESIGN.md, "When do members specialise?").
+  purity stays near 0.5 even when members specialise (docs/specialisation.md).
 
 Run from the repository root (about 3 minutes on one CPU core):
 

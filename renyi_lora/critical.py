@@ -41,7 +41,7 @@ from renyi_lora.models import check_model_exists, load_tokenizer, resolve_model_
 from renyi_lora.refine import RefineResult, refine_point
 from renyi_lora.stability import NotAMinimumError, StabilityResult, critical_alpha
 
-WELL_SPECIFIED = 0.01  # |alpha* - 1| below this reads as the well-specified boundary (DESIGN.md section 2)
+WELL_SPECIFIED = 0.01  # |alpha* - 1| below this reads as the well-specified boundary (docs/critical_alpha.md)
 NOT_FITTED = ("no adapters given: the point is the base model (a fresh adapter with B = 0), which is not a fitted "
               "minimum of the NLL, so alpha* describes no trained model; train one adapter to convergence "
               "(renyi-lora sft --num_members 1) and pass it as adapters")

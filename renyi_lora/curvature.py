@@ -1,5 +1,5 @@
-"""Matrix-free products with the curvature matrices of a per-example log-likelihood (DESIGN.md section 2, "Local
-stability"): the observed information V, the empirical Fisher J and the generalised Gauss-Newton matrix G.
+"""Matrix-free products with the curvature matrices of a per-example log-likelihood (docs/critical_alpha.md): the
+observed information V, the empirical Fisher J and the generalised Gauss-Newton matrix G.
 
 Over the N examples of a data set, at theta,
 

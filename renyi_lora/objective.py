@@ -1,4 +1,4 @@
-"""The alpha-Renyi variational objective over K members (DESIGN.md section 2).
+"""The alpha-Renyi variational objective over K members (README, "The method in one screen").
 
 Pure tensor maths: no modules, trainer or I/O. ``L[k, b]`` is member k's log-likelihood of example b.
 

@@ -5,7 +5,7 @@ adapter trained for a fixed number of Adam steps is rarely one: Adam moves the p
 per step even where the curvature is tiny, so it jitters around the minimum, and V at the last step can have
 curvature of -1e3 and worse. A few dozen full-batch L-BFGS iterations on the same objective settle it.
 
-The objective is what a K = 1 ensemble is trained on (DESIGN.md section 2),
+The objective is what a K = 1 ensemble is trained on (docs/critical_alpha.md),
 
     mean_i -loglik_fn(params, batch)_i + prior_curvature / 2 * ||params||^2,
 

@@ -1,4 +1,4 @@
-"""Local stability of one fitted model: the critical Renyi order alpha* (DESIGN.md section 2, "Local stability").
+"""Local stability of one fitted model: the critical Renyi order alpha* (docs/critical_alpha.md).
 
 At a point estimate theta (one adapter trained to convergence), over the N examples of the data set,
 

@@ -1,4 +1,4 @@
-"""Prediction, uncertainty and calibration metrics for an ensemble of K members (DESIGN.md section 2).
+"""Prediction, uncertainty and calibration metrics for an ensemble of K members (README, "The method in one screen").
 
 Pure tensor maths: tensors in, tensors (or Python floats for dataset-level scores) out; no modules or I/O.
 Shape vocabulary: K members, N examples, C candidates (classes, answers, or vocabulary entries).

@@ -63,7 +63,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_layers: int = 2) -> LlamaForCausalLM:
-    """Tiny random Llama. initializer_range=0.1 lets a frozen head reach confident logits (DESIGN.md)."""
+    """Tiny random Llama. initializer_range=0.1 lets a frozen head reach confident logits."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,

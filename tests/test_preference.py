@@ -1,5 +1,5 @@
 """alpha-Renyi DPO: the K = 1 loss is TRL's sigmoid DPO, one shared reference forward, and members that
-take opposite sides of a rule-based conflict at alpha > 1 (DESIGN.md, "When do members specialise?")."""
+take opposite sides of a rule-based conflict at alpha > 1 (docs/specialisation.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Behavioural tests of the method (DESIGN.md, "When do members specialise?"), K = 2, tiny Llama, seeded.
+"""Behavioural tests of the method (docs/specialisation.md), K = 2, tiny Llama, seeded.
 
 (a) Identifiable groups (each example carries four answers of its group, every prompt in both groups):
     alpha = 1 splits the members by group; alpha = 0 keeps them generalists.

@@ -144,7 +144,7 @@ def test_members_stay_together_below_and_separate_above(m, s):
     assert (apart[0] - apart[1]).abs() > m  # grows from 2e-3 to a separation comparable to the bumps'
 
 
-# --- DESIGN.md's boundary: well specified gives alpha* = 1 ---
+# --- The flat boundary (docs/specialisation.md): well specified gives alpha* = 1 ---
 
 
 @pytest.mark.parametrize("positive_fraction", [0.5, 0.25])

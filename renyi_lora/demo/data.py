@@ -1,6 +1,6 @@
 """The demo's data, generated in code with a seed and written as ordinary JSONL files.
 
-Three parts, each a kind of (dis)agreement (DESIGN.md, "When do members specialise?"):
+Three parts, each a kind of (dis)agreement (docs/specialisation.md):
 
 - **Conflicting, identifiable**: four house styles share every prompt ("rewrite these three words") and disagree
   on the answer: British or American spelling, lower case or Title Case. A style shows on three words inside one
