@@ -10,8 +10,9 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {}
 
@@ -36,10 +37,6 @@ def _parse(prog: str, types: tuple, argv: list[str]):
 def _group_flags(parser: HfArgumentParser, types: tuple) -> None:
     """``--help`` lists renyi-lora's own flags first, then the Trainer's (``TrainingArguments``) in a group of their
     own, instead of one list where ``--num_members`` and ``--alpha`` come after ``--local_rank``."""
-    from dataclasses import fields
-
-    from transformers import TrainingArguments
-
     if not any(issubclass(t, TrainingArguments) for t in types):
         return
     trainer_flags = {f.name for f in fields(TrainingArguments)}

@@ -58,10 +58,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from renyi_lora.ensemble import load_adapter_mixture
-from renyi_lora.inference import pad_right
+from renyi_lora.inference import load_for_inference, pad_right
 from renyi_lora.likelihoods import IGNORE_INDEX
-from renyi_lora.models import check_model_exists, load_model_and_tokenizer, resolve_device
+from renyi_lora.models import resolve_device
 from renyi_lora.token_uncertainty import decompose_rows, normalised_log_weights
 from renyi_lora.uncertainty import decompose_uncertainty
 
@@ -150,17 +149,13 @@ class RenyiLM(TemplateLM):
         for directory in directories:
             if not Path(directory).is_dir():
                 raise FileNotFoundError(f"renyi: adapters folder {directory} not found")
-        trust_remote_code = _bool(trust_remote_code)
-        check_model_exists(pretrained)
-        model, self.tokenizer = load_model_and_tokenizer(str(pretrained), trust_remote_code,
-                                                         torch_dtype=getattr(torch, str(dtype)))
         device = "auto" if device in (None, "") else str(device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             logger.warning("renyi: device %s requested but CUDA is not available; using the CPU", device)
             device = "cpu"
         self._device = resolve_device(device)
-        model.to(self._device).eval()
-        self.ensemble = load_adapter_mixture(model, directories, _split(members, int))
+        self.ensemble, self.tokenizer = load_for_inference(str(pretrained), directories, _split(members, int),
+                                                           _bool(trust_remote_code), device, getattr(torch, str(dtype)))
         self.ensemble.eval()
         self.log_weights = normalised_log_weights(_split(weights, float), self.ensemble.num_members)
         if isinstance(batch_size, str) and not batch_size.strip().isdigit():

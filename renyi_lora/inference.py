@@ -1,5 +1,5 @@
-"""Inference plumbing shared by evaluation, scoring, uncertainty and generation: prompt encoding, row padding and
-the KV-cached forward of all K members.
+"""Inference plumbing shared by evaluation, scoring, uncertainty, generation and the commands: loading a model with its
+adapters, prompt encoding, row padding and the KV-cached forward of all K members.
 
 Tokenisation follows ``renyi_lora.data``: a plain prompt gets the tokenizer's BOS (if it adds one) and no special
 tokens otherwise; a prompt given as a list of messages is rendered with the chat template and its generation prompt;
@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from renyi_lora.config import EnsembleConfig
 from renyi_lora.data import Encoder, pad_rows
+from renyi_lora.ensemble import LoraEnsemble, load_adapter_mixture
 from renyi_lora.likelihoods import IGNORE_INDEX
+from renyi_lora.models import check_model_exists, load_model_and_tokenizer, resolve_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from renyi_lora.ensemble import LoraEnsemble
 
 Prompt = str | list[dict]
 
@@ -97,3 +98,17 @@ def left_pad(rows: list[list[int]], pad_token_id: int, device: torch.device | st
     every row is its last real token."""
     batch = pad_rows(rows, rows, pad_token_id, left=True)
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def load_for_inference(model_name: str, adapters: list[str] | None, members: list[int] | None = None,
+                       trust_remote_code: bool = False, device: str = "auto", dtype: torch.dtype = torch.float32
+                       ) -> tuple[LoraEnsemble, PreTrainedTokenizerBase]:
+    """``(ensemble, tokenizer)``: the base model in ``dtype`` on ``device`` (``auto``: cuda if available) with the
+    adapters of ``adapters`` as one mixture (``ensemble.load_adapter_mixture``), or a fresh member when there are none
+    (for the base model alone, under ``adapters_disabled``)."""
+    check_model_exists(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name, trust_remote_code, torch_dtype=dtype)
+    model.to(resolve_device(device)).eval()
+    if adapters:
+        return load_adapter_mixture(model, adapters, members), tokenizer
+    return LoraEnsemble(model, EnsembleConfig(num_members=1)), tokenizer

@@ -15,13 +15,13 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from renyi_lora.io import CONFIG_NAME, WEIGHTS_NAME, read_ensemble_config
+from renyi_lora.sources import HUB_ID
 
 SUMMARY_NAME = "train_summary.json"
 CARD_NAME = "README.md"
@@ -32,13 +32,12 @@ IGNORE_PATTERNS = ["checkpoint-*", "*/checkpoint-*", "global_step*", "*/global_s
                    "*scheduler*.pt", "*rng_state*.pth", "*.tmp-*"]
 # Aliases of ``renyi_lora.models.EMBEDDED``: (hub id of the original, its license).
 KNOWN_BASES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
 
 
 def _is_hub_id(name: str) -> bool:
     """``org/name`` (or a bare legacy name) that is neither an existing local path nor a data file name."""
-    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists() and not name.endswith(_DATA_SUFFIXES)
+    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists() and not name.endswith(_DATA_SUFFIXES)
 
 
 def base_model_info(base_model: str) -> tuple[str | None, str | None]:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from renyi_lora.commands.common import ModelArguments, load_for_inference
+from renyi_lora.commands.common import ModelArguments
 from renyi_lora.evaluate import evaluate_multiple_choice, load_multiple_choice, ood_detection
+from renyi_lora.inference import load_for_inference
 from renyi_lora.plots import mi_histogram, risk_coverage_plot
 from renyi_lora.report import format_table, results_table, write_report
 from renyi_lora.uncertainty import risk_coverage_curve

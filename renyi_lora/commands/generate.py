@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from renyi_lora.commands.common import ModelArguments, load_for_inference
+from renyi_lora.commands.common import ModelArguments
 from renyi_lora.generate import GenerationResult, Mode, check_generation, generate
-from renyi_lora.inference import Prompt
+from renyi_lora.inference import Prompt, load_for_inference
 from renyi_lora.report import format_number
 
 
