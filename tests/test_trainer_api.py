@@ -121,6 +121,16 @@ def test_cli_reads_datasets_folders_and_refuses_an_unreachable_hub_id(tmp_path, 
                    *common)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "o" / "train_summary.json").read_text())["num_examples"] == 4
+    saved = tmp_path / "saved"  # a DatasetDict written by save_to_disk
+    dataset = datasets.Dataset.from_list(RECORDS)
+    datasets.DatasetDict({"train": dataset, "test": dataset.select(range(3))}).save_to_disk(str(saved))
+    done = run_cli("sft", "--data", str(saved), "--dataset_split", "test", "--output_dir", str(tmp_path / "s"),
+                   *common)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "s" / "train_summary.json").read_text())["num_examples"] == 3
+    wrong = run_cli("sft", "--data", str(saved), "--dataset_split", "validation", "--output_dir", str(tmp_path / "w"),
+                    *common)
+    assert wrong.returncode == 2 and "available splits: train, test" in wrong.stderr, wrong.stderr
     hub = run_cli("sft", "--data", "someone/no-such-dataset", "--output_dir", str(tmp_path / "h"), *common)
     last = hub.stderr.strip().splitlines()[-1]
     assert hub.returncode == 2 and "Traceback" not in hub.stderr, hub.stderr
