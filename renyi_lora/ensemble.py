@@ -227,7 +227,7 @@ class LoraEnsemble(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states before the output head: ``[K, B, T, H]`` (``[1, B, T, H]`` when disabled)."""
         B, T = input_ids.shape
-        K = 1 if self.is_disabled else self.active_members
+        K = self.output_members
         with self.shared_trunk(B) as shared:
             if K > 1 and not shared:
                 input_ids, attention_mask = self._repeat(input_ids), self._repeat(attention_mask)

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 CONFIG_NAME = "ensemble_config.json"
 WEIGHTS_NAME = "adapters.safetensors"
 FORMAT_VERSION = 1
-TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer's; written last in a checkpoint
+TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's, written last in a checkpoint; not imported
+# from there: that module is heavy, and io is on the inference path too
 logger = logging.getLogger(__name__)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -133,7 +132,7 @@ def print_routing(summary: dict) -> None:
     """The routing table of a finished run (once, on the first process)."""
     if int(os.environ.get("RANK", "0")) != 0 or "routing" not in summary:
         return
-    print("\nrouting over the training set (mean responsibility of each member):", file=sys.stdout)
+    print("\nrouting over the training set (mean responsibility of each member):")
     nll = summary.get("member_group_nll", {})
     for group, row in summary["routing"].items():
         cells = [f"{w:5.2f}" + (f" (nll {n:6.2f})" if group in nll else "")
