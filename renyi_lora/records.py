@@ -73,11 +73,24 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _record_unit(path: Path) -> str:
+def check_data_file(path: str | Path) -> str:
+    """The record unit of a data file (``line``, ``item`` or ``row``), after checking its extension and that it is a
+    file; ``DataError`` otherwise."""
+    path = Path(path)
     unit = RECORD_UNITS.get(path.suffix.lower())
     if unit is None:
         raise DataError(f"{path}: unknown file extension {path.suffix!r}; expected .jsonl, .json or .parquet")
+    if not path.exists():
+        raise DataError(f"{path}: file not found; expected a .jsonl, .json or .parquet data file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file; expected a .jsonl, .json or .parquet data file")
     return unit
+
+
+def without_nulls(rows: list[dict]) -> list[tuple[int, dict]]:
+    """``(number, row)`` pairs numbered from 1, a null cell of a table being an absent field (a table has a cell for
+    every column)."""
+    return [(number, {k: v for k, v in row.items() if v is not None}) for number, row in enumerate(rows, start=1)]
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
@@ -87,11 +100,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     skipped; anything else that is not an object raises ``DataError``, as does an empty file.
     """
     path = Path(path)
-    unit = _record_unit(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found; expected a .jsonl, .json or .parquet data file")
-    if not path.is_file():
-        raise DataError(f"{path}: not a file; expected a .jsonl, .json or .parquet data file")
+    unit = check_data_file(path)
     if unit == "line":
         records = _read_jsonl(path)
     elif unit == "item":
@@ -144,8 +153,7 @@ def _read_parquet(path: Path) -> list[tuple[int, Any]]:
         rows = pyarrow.parquet.read_table(path).to_pylist()
     except (pyarrow.ArrowException, OSError) as error:
         raise DataError(f"{path}: not a readable Parquet file ({one_line(error)})") from None
-    # A table has a cell for every column: a null cell is an absent field.
-    return [(number, {k: v for k, v in row.items() if v is not None}) for number, row in enumerate(rows, start=1)]
+    return without_nulls(rows)
 
 
 def detect_format(record: dict, where: Location, expected: str | None = None, default: str | None = None) -> str:

@@ -34,8 +34,10 @@ from renyi_lora.records import (
     RECORD_UNITS,
     DataError,
     Location,
+    check_data_file,
     detect_format,
     read_records,
+    without_nulls,
 )
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -109,7 +111,7 @@ def _dataset_records(dataset: Any, name: str, split: str | None) -> tuple[str, s
         rows = list(dataset)  # an IterableDataset: streams every row
     split = split or getattr(dataset, "split", None)
     source = f"{name}({split})" if split else name
-    records = [(number, {k: v for k, v in row.items() if v is not None}) for number, row in enumerate(rows, start=1)]
+    records = without_nulls(rows)
     if not records:
         raise DataError(f"{source}: no records (the dataset is empty); expected at least one record")
     return source, "row", records
@@ -149,8 +151,7 @@ def read_source(source: Any, split: str | None = None,
     """
     kind = source_kind(source)
     if kind == "file":
-        unit = RECORD_UNITS.get(Path(source).suffix.lower(), "line")
-        return str(source), unit, read_records(source)
+        return str(source), check_data_file(source), read_records(source)
     if kind == "list":
         for number, item in enumerate(source, start=1):
             if not isinstance(item, dict):
@@ -184,11 +185,7 @@ def check_source(source: Any, split: str | None = None, config: str | None = Non
     """
     kind = source_kind(source)
     if kind == "file":
-        path = Path(source)
-        if path.suffix.lower() not in RECORD_UNITS:
-            raise DataError(f"{path}: unknown file extension {path.suffix!r}; expected .jsonl, .json or .parquet")
-        if not path.is_file():
-            raise DataError(f"{path}: file not found; expected a .jsonl, .json or .parquet data file")
+        check_data_file(source)
     elif kind == "saved-dataset-dict":
         try:
             splits = json.loads((Path(source) / SAVED_DATASET_DICT).read_text(encoding="utf-8"))["splits"]
