@@ -62,7 +62,7 @@ from renyi_lora.inference import load_for_inference, pad_right
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import resolve_device
 from renyi_lora.token_uncertainty import decompose_rows, normalised_log_weights
-from renyi_lora.uncertainty import decompose_uncertainty
+from renyi_lora.uncertainty import decompose_uncertainty, mixture_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +120,13 @@ def sequence_scores(ensemble, input_ids: torch.Tensor, attention_mask: torch.Ten
         first = torch.where(starts, torch.arange(n, device=member.device), 0).cummax(0).values  # [n]
         before = member_loglik[:, chunk_rows] + inclusive - member - (inclusive - member)[:, first]  # [K, n]
         posterior = torch.log_softmax(log_weights[:, None] + before, dim=0)  # [K, n]
-        mixture = torch.logsumexp(log_probs.double() + posterior[..., None], dim=0)  # [n, V]
+        mixture = mixture_log_probs(log_probs.double(), posterior)  # [n, V]
         misses.index_add_(0, chunk_rows, (mixture.argmax(-1) != targets[chunk]).long())
         mi = decompose_rows(log_probs, log_weights[:, None].expand(K, n)).epistemic  # [n]
         mi_sum.index_add_(0, chunk_rows, mi.double())
         member_loglik.index_add_(1, chunk_rows, member)
     counts = mask.sum(-1).clamp(min=1)
-    return {"member_loglik": member_loglik, "mixture_loglik": torch.logsumexp(member_loglik + log_weights[:, None], 0),
+    return {"member_loglik": member_loglik, "mixture_loglik": mixture_log_probs(member_loglik, log_weights),
             "is_greedy": misses == 0, "mean_mi": mi_sum / counts}
 
 
@@ -307,7 +307,7 @@ class RenyiLM(TemplateLM):
         member = torch.zeros(self.ensemble.num_members, len(requests), dtype=torch.float64)
         for n, result in zip(owner, scored, strict=True):
             member[:, n] += result["member_loglik"]
-        totals = torch.logsumexp(member + self.log_weights[:, None], dim=0).tolist()
+        totals = mixture_log_probs(member, self.log_weights).tolist()
         for request, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
         return totals
