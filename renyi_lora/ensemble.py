@@ -107,6 +107,9 @@ class LoraEnsemble(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, child, EnsembleLoraLayer(getattr(parent, child), config, generator))
+        # pi, the mixture weights [K]: uniform until learned (RenyiConfig.learn_weights); saved with the adapters.
+        self.register_buffer("mixture_weights", torch.full((config.num_members,), 1.0 / config.num_members),
+                             persistent=False)
         self._trunk_rows: int | None = None  # B while a shared-trunk forward is running
         self._member_slice = slice(None)
         self.shared_trunk_layers = self._install_shared_trunk()
@@ -294,9 +297,10 @@ class LoraEnsemble(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, members: list[int] | None = None) -> LoraEnsemble:
         """Restore a saved ensemble onto ``model`` (optionally only the listed ``members``), validating shapes."""
-        config, module_names, tensors = io.read_ensemble(directory, model, members)
+        config, module_names, tensors, weights = io.read_ensemble(directory, model, members)
         ensemble = cls(model, config, module_names)
         io.copy_adapters(ensemble, tensors)
+        ensemble.mixture_weights.copy_(weights)
         return ensemble
 
 

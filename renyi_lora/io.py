@@ -76,6 +76,7 @@ def save_ensemble(ensemble: LoraEnsemble, directory: str | os.PathLike,
     _write_json(out / CONFIG_NAME, {
         "ensemble": asdict(ensemble.ensemble_config),
         "module_names": ensemble.module_names,
+        "mixture_weights": ensemble.mixture_weights.tolist(),
         "base_model_name_or_path": _base_name(ensemble.model),
         "format_version": FORMAT_VERSION,
         "renyi_lora_version": __version__,
@@ -99,6 +100,24 @@ def read_ensemble_config(directory: str | os.PathLike) -> tuple[EnsembleConfig, 
         raise ValueError(f"{path}: not a valid ensemble config ({type(error).__name__}: {error}); "
                          "expected the file written by save_pretrained") from None
     return config, module_names, raw
+
+
+def read_mixture_weights(directory: str | os.PathLike) -> torch.Tensor:
+    """The saved mixture weights pi ``[K]`` (normalised; uniform for folders saved before pi was learned)."""
+    config, _, raw = read_ensemble_config(directory)
+    K = config.num_members
+    weights = raw.get("mixture_weights")
+    if weights is None:
+        return torch.full((K,), 1.0 / K)
+    try:
+        weights = torch.tensor(weights, dtype=torch.float32)
+    except (TypeError, ValueError):
+        weights = None
+    if weights is None or weights.shape != (K,) or not torch.isfinite(weights).all() or (weights < 0).any() \
+            or weights.sum() <= 0:
+        raise ValueError(f"{Path(directory) / CONFIG_NAME}: mixture_weights must be {K} non-negative numbers with a "
+                         f"positive sum (one per member); got {raw.get('mixture_weights')!r}")
+    return weights / weights.sum()
 
 
 def _read_adapter_tensors(directory: str | os.PathLike, config: EnsembleConfig, module_names: list[str],
@@ -151,14 +170,17 @@ def load_adapter_weights(ensemble: LoraEnsemble, directory: str | os.PathLike) -
                          f"{len(ensemble.module_names)}; resume with the run's --num_members, --rank, --target_modules")
     base_layers = {name: layer.base_layer for name, layer in ensemble.lora_layers().items()}
     copy_adapters(ensemble, _read_adapter_tensors(directory, config, module_names, base_layers))
+    ensemble.mixture_weights.copy_(read_mixture_weights(directory))
 
 
 def read_ensemble(directory: str | os.PathLike, model: nn.Module, members: list[int] | None = None
-                  ) -> tuple[EnsembleConfig, list[str], dict[str, torch.Tensor]]:
-    """``(config, module_names, tensors)`` of a saved ensemble for ``model`` (optionally only the listed
-    ``members``), validated against the base model's modules (``LoraEnsemble.from_pretrained`` builds on it)."""
+                  ) -> tuple[EnsembleConfig, list[str], dict[str, torch.Tensor], torch.Tensor]:
+    """``(config, module_names, tensors, mixture weights [K])`` of a saved ensemble for ``model`` (optionally only
+    the listed ``members``, their weights renormalised), validated against the base model's modules
+    (``LoraEnsemble.from_pretrained`` builds on it)."""
     config, module_names, _ = read_ensemble_config(directory)
     tensors = _read_adapter_tensors(directory, config, module_names, dict(model.named_modules()))
+    weights = read_mixture_weights(directory)
     if members is not None:
         bad = [m for m in members if not 0 <= m < config.num_members]
         if bad or not members:
@@ -166,7 +188,11 @@ def read_ensemble(directory: str | os.PathLike, model: nn.Module, members: list[
         index = torch.tensor(members)
         tensors = {k: v.index_select(0, index) for k, v in tensors.items()}
         config = EnsembleConfig(**{**asdict(config), "num_members": len(members)})
-    return config, module_names, tensors
+        weights = weights[index]
+        if weights.sum() <= 0:
+            raise ValueError(f"members {members} of {directory} all have mixture weight 0")
+        weights = weights / weights.sum()
+    return config, module_names, tensors, weights
 
 
 def export_peft(ensemble: LoraEnsemble, directory: str | os.PathLike, member: int) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -219,6 +220,27 @@ def test_save_load_is_exact_and_selects_members(tiny_llama, tmp_path, batch):
     assert restored.ensemble_config == ensemble.ensemble_config
     with pytest.raises(ValueError, match="members"):
         LoraEnsemble.from_pretrained(copy.deepcopy(pristine), tmp_path, members=[3])
+
+
+def test_mixture_weights_are_saved_loaded_and_renormalised_for_a_subset(tiny_llama, tmp_path):
+    pristine = copy.deepcopy(tiny_llama)
+    ensemble = LoraEnsemble(tiny_llama, EnsembleConfig(num_members=3, target_modules=["q_proj"]))
+    torch.testing.assert_close(ensemble.mixture_weights, torch.full((3,), 1 / 3))  # uniform until learned
+    ensemble.mixture_weights.copy_(torch.tensor([0.5, 0.3, 0.2]))
+    ensemble.save_pretrained(tmp_path)
+    restored = LoraEnsemble.from_pretrained(copy.deepcopy(pristine), tmp_path)
+    torch.testing.assert_close(restored.mixture_weights, torch.tensor([0.5, 0.3, 0.2]))
+    subset = LoraEnsemble.from_pretrained(copy.deepcopy(pristine), tmp_path, members=[2, 0])
+    torch.testing.assert_close(subset.mixture_weights, torch.tensor([0.2, 0.5]) / 0.7)
+    config = json.loads((tmp_path / "ensemble_config.json").read_text())
+    del config["mixture_weights"]  # a folder saved before pi was learned: uniform
+    (tmp_path / "ensemble_config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(LoraEnsemble.from_pretrained(copy.deepcopy(pristine), tmp_path).mixture_weights,
+                               torch.full((3,), 1 / 3))
+    config["mixture_weights"] = [0.5, -0.1, 0.6]
+    (tmp_path / "ensemble_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="ensemble_config.json: mixture_weights must be 3 non-negative"):
+        LoraEnsemble.from_pretrained(copy.deepcopy(pristine), tmp_path)
 
 
 def test_load_rejects_mismatched_base(tiny_llama, tmp_path):
