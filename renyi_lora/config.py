@@ -89,6 +89,21 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
                                       "off."})
     alpha_warmup_steps: int | None = field(default=None, metadata={"help": "Length of the alpha warm-up in optimizer "
                                            "steps; overrides --alpha_warmup_ratio when given (0 = off)."})
+    routing_floor: float = field(default=0.0, metadata={"help": "Every member's likelihood gradient on every example is "
+                                 "weighted by at least routing_floor * pi_k: the gradient of (1 - floor) * l_alpha + "
+                                 "floor * l_0. Keeps a member that falls behind early (long completions route sharply) "
+                                 "learning, so that it can come back (docs/specialisation.md). 0 = the exact alpha-Renyi "
+                                 "gradient."})
+    revive_threshold: float = field(default=0.01, metadata={"help": "A member whose mean responsibility over the last "
+                                    "--member_update_steps steps is below this is dead (long completions can hand "
+                                    "one member every example early on): it is replaced by a noisy copy of the most "
+                                    "loaded member, which then shares that member's examples and weight "
+                                    "(docs/specialisation.md). 0 = off."})
+    learn_weights: bool = field(default=False, metadata={"help": "Learn the mixture weights pi (EM: pi <- each "
+                                "member's mean responsibility over the last --member_update_steps steps). Saved with "
+                                "the ensemble and used by eval and generate. Off: uniform pi."})
+    member_update_steps: int = field(default=10, metadata={"help": "Optimizer steps between updates of the mixture "
+                                     "weights (--learn_weights) and checks for dead members (--revive_threshold)."})
     prior_std: float = field(default=1.0, metadata={"help": "Std of the Gaussian prior N(0, prior_std^2) on LoRA "
                              "parameters."})
     prior_weight: float = field(default=1e-4, metadata={"help": "Weight of the prior term (1/K) sum_k ||theta_k||^2 / "
@@ -129,6 +144,13 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
             raise ValueError(f"--alpha_warmup_steps must be >= 0; got {self.alpha_warmup_steps}")
         if not 0 <= self.alpha_warmup_ratio <= 1:
             raise ValueError(f"--alpha_warmup_ratio must be in [0, 1]; got {self.alpha_warmup_ratio}")
+        if not 0 <= self.routing_floor <= 1:
+            raise ValueError(f"--routing_floor must be in [0, 1]; got {self.routing_floor}")
+        if not 0 <= self.revive_threshold < 1:
+            raise ValueError(f"--revive_threshold must be in [0, 1) (0 = off); got {self.revive_threshold}")
+        if isinstance(self.member_update_steps, bool) or not isinstance(self.member_update_steps, int) \
+                or self.member_update_steps < 1:
+            raise ValueError(f"--member_update_steps must be an integer >= 1; got {self.member_update_steps!r}")
         if self.prior_std <= 0 or self.prior_weight < 0:
             raise ValueError(f"need --prior_std > 0 and --prior_weight >= 0; got {self.prior_std}, {self.prior_weight}")
         if self.member_chunk_size is not None:

@@ -18,6 +18,11 @@ import torch
 
 from renyi_lora.uncertainty import broadcast_log_weights
 
+# A responsibility below this takes no part in the gradient: exact zeros instead of products with ~1e-30 weights,
+# which are subnormal floats deep in the backward pass and make a CPU step over 10x slower. Its contribution is below
+# Adam's epsilon (1e-8) times any realistic gradient, so no update changes.
+NEGLIGIBLE_WEIGHT = 1e-12
+
 # Below this |alpha * (L - mean_k L)| the log1p/expm1 form is used: logsumexp would round
 # exp(alpha * L) to 1 in float32 for tiny alpha and lose the whole O(alpha) signal. Above it the plain,
 # uncentred logsumexp is as precise as float32 allows (centring on the mean would cost ~alpha * spread * eps).
@@ -101,8 +106,47 @@ def responsibilities(
     return torch.softmax(alpha * loglik + log_pi, dim=0)
 
 
+def gradient_weights(w: torch.Tensor, floor: float = 0.0, log_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """How much each member's likelihood gradient counts: ``(1 - floor) * w + floor * pi``, detached, with entries
+    below ``NEGLIGIBLE_WEIGHT`` set to exactly 0.
+
+    ``floor > 0`` is the gradient of ``(1 - floor) * l_alpha + floor * l_0``: every member keeps learning from every
+    example with weight at least ``floor * pi_k`` (LoRA-MCL's relaxed winner-take-all keeps such an epsilon for the
+    same reason). Without it a member that falls behind early on long sequences gets ``w ~ exp(-alpha * lead)`` of the
+    gradient, stops learning, and never comes back.
+
+    Args:
+        w: ``[K, ...]`` responsibilities.
+        floor: in ``[0, 1]``.
+        log_weights: ``[K]`` or ``[K, ...]`` log mixture weights; uniform if None.
+
+    Returns:
+        ``[K, ...]`` the gradient weights (summing to 1 over K wherever ``w`` does, up to the dropped negligible ones).
+    """
+    if not 0 <= floor <= 1:
+        raise ValueError(f"routing floor must be in [0, 1]; got {floor}")
+    w = w.detach()
+    if floor > 0:
+        w = (1 - floor) * w + floor * broadcast_log_weights(log_weights, w).exp()
+    return torch.where(w < NEGLIGIBLE_WEIGHT, 0.0, w)
+
+
+def weighted_loglik_loss(value: torch.Tensor, loglik: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``value`` (any shape ``[...]``, its own gradient ignored) whose gradient is ``-sum_k weights[k] grad L[k]``.
+
+    Args:
+        value: ``[...]`` the loss to report.
+        loglik: ``[K, ...]`` member log-likelihoods (with gradient).
+        weights: ``[K, ...]`` detached gradient weights; members with weight 0 (also those with ``L = -inf``)
+            contribute exact zeros.
+    """
+    used = weights > 0
+    surrogate = -torch.where(used, weights * torch.where(used, loglik, 0.0), 0.0).sum(0)  # [...]
+    return value.detach() + surrogate - surrogate.detach()
+
+
 def renyi_loss(
-    loglik: torch.Tensor, alpha: float, log_weights: torch.Tensor | None = None
+    loglik: torch.Tensor, alpha: float, log_weights: torch.Tensor | None = None, floor: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch alpha-Renyi data term and the routing.
 
@@ -110,13 +154,17 @@ def renyi_loss(
         loglik: ``[K, B]`` member log-likelihoods.
         alpha: Renyi order ``>= 0`` (``float("inf")`` allowed).
         log_weights: ``[K]`` or ``[K, B]`` log mixture weights; uniform if None.
+        floor: routing floor of the gradient (``gradient_weights``); 0 = the exact gradient of ``l_alpha``.
 
     Returns:
         ``(loss, w)``: the scalar ``mean_b l_alpha(b)`` and the detached responsibilities ``[K, B]``.
-        The gradient of ``loss`` for member k is ``-w[k, b] * grad L[k, b] / B``.
+        The gradient of ``loss`` for member k is ``-g[k, b] * grad L[k, b] / B`` with ``g = gradient_weights(w,
+        floor)``: ``w`` itself for ``floor = 0``, except that weights below ``NEGLIGIBLE_WEIGHT`` give exact zeros.
     """
-    loss = renyi_per_example(loglik, alpha, log_weights).mean()
-    return loss, responsibilities(loglik, alpha, log_weights)
+    w = responsibilities(loglik, alpha, log_weights)
+    value = renyi_per_example(loglik.detach(), alpha, log_weights)  # [B]
+    loss = weighted_loglik_loss(value, loglik, gradient_weights(w, floor, log_weights)).mean()
+    return loss, w
 
 
 def gaussian_prior(lora_params: list[torch.Tensor], num_members: int, prior_std: float) -> torch.Tensor:
@@ -142,6 +190,8 @@ def routed_loss(
     alpha: float,
     routing_level: str = "sequence",
     length_normalize: bool = False,
+    floor: float = 0.0,
+    log_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The data term from per-token member log-likelihoods, routed per sequence or per token.
 
@@ -152,6 +202,8 @@ def routed_loss(
         routing_level: ``"sequence"``: ``L[k, b]`` is the sequence log-likelihood and one routing decision is
             made per example; ``"token"``: ``l_alpha`` is applied to every token and summed per sequence.
         length_normalize: divide each sequence's total by its number of target tokens.
+        floor: routing floor of the gradient (``gradient_weights``), per sequence or per token.
+        log_weights: ``[K]`` log mixture weights; uniform if None.
 
     Returns:
         ``(loss, w, loglik)``: scalar mean over B; responsibilities ``[K, B]`` (per-token ones averaged over
@@ -162,13 +214,15 @@ def routed_loss(
     if length_normalize:
         loglik = loglik / count
     if routing_level == "sequence":
-        loss, w = renyi_loss(loglik, alpha)
+        loss, w = renyi_loss(loglik, alpha, log_weights, floor)
         return loss, w, loglik
     if routing_level != "token":
         raise ValueError(f"routing_level must be 'sequence' or 'token'; got {routing_level!r}")
     mask = target_mask.to(token_loglik.dtype)
-    per_token = renyi_per_example(token_loglik, alpha) * mask  # [B, T]
-    w_token = responsibilities(token_loglik, alpha) * mask  # [K, B, T]
+    w_token = responsibilities(token_loglik, alpha, log_weights) * mask  # [K, B, T]
+    value = renyi_per_example(token_loglik.detach(), alpha, log_weights)  # [B, T]
+    weights = gradient_weights(w_token, floor, log_weights) * mask  # [K, B, T]
+    per_token = weighted_loglik_loss(value, token_loglik, weights) * mask  # [B, T]
     per_sequence = per_token.sum(-1)  # [B]
     if length_normalize:
         per_sequence = per_sequence / count

@@ -114,7 +114,7 @@ class RenyiDPOTrainer(RenyiTrainer):
         B = policy.shape[1] // 2
         reference = self._reference(model, inputs)
         loglik, h = preference_loglik(policy[:, :B], policy[:, B:], reference[..., :B], reference[..., B:], args.beta)
-        loss, w = renyi_loss(loglik, self.alpha)
+        loss, w = renyi_loss(loglik, self.alpha, self.log_mixture_weights, self.args.routing_floor)
         self._record_preferences(policy, reference, h, loglik)
         return loss, w, loglik
 

@@ -28,8 +28,9 @@ from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.io import last_complete_checkpoint
 from renyi_lora.likelihoods import IGNORE_INDEX, sequence_loglik
-from renyi_lora.objective import gaussian_prior, renyi_loss, routed_loss
+from renyi_lora.objective import gaussian_prior, gradient_weights, renyi_loss, routed_loss, weighted_loglik_loss
 from renyi_lora.outputs import SavingMixin
+from renyi_lora.upkeep import MemberUpkeep
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class RenyiTrainer(SavingMixin, Trainer):
                                                                    "eval": defaultdict(list)}
         self._routing: dict[str, torch.Tensor] = {}
         self._nonfinite: torch.Tensor | None = None  # [2, K] bool: log-likelihood, loss, OR-ed over micro-batches
+        self.upkeep = MemberUpkeep(args)
 
     @staticmethod
     def default_config() -> RenyiConfig:
@@ -114,7 +116,12 @@ class RenyiTrainer(SavingMixin, Trainer):
         token = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), labels=labels)
         # float32 whatever the autocast dtype: a bf16 logsumexp over members loses the routing signal.
         return routed_loss(token.float(), labels != IGNORE_INDEX, self.alpha, args.routing_level,
-                           args.length_normalize)
+                           args.length_normalize, args.routing_floor, self.log_mixture_weights)
+
+    @property
+    def log_mixture_weights(self) -> torch.Tensor:
+        """``[K]`` log pi, the ensemble's mixture weights (uniform unless learned, ``--learn_weights``)."""
+        return self.ensemble.mixture_weights.log()
 
     def member_loglik(self, model, inputs: dict) -> torch.Tensor:
         """``L [K, B]`` of the members that run (all, or the chunk selected with ``ensemble.members``), float32."""
@@ -139,6 +146,7 @@ class RenyiTrainer(SavingMixin, Trainer):
         if self.model.training:  # checked once per optimizer step, in `_check_finite`
             bad = torch.stack([~torch.isfinite(loglik.detach()).all(1), ~torch.isfinite(loss.detach()).expand(len(w))])
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            self.upkeep.add(w)
         self._record(data_term, prior, w, loglik, group, self.target_counts(inputs))
         return (loss, {"responsibilities": w, "loglik": loglik}) if return_outputs else loss
 
@@ -150,6 +158,7 @@ class RenyiTrainer(SavingMixin, Trainer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # the last micro-batch of an optimizer step: gradients are complete
             self._check_finite()
+            self.upkeep.step(self)
         return loss
 
     def _chunked_training_step(self, model, inputs: dict, chunk: int) -> torch.Tensor:
@@ -176,14 +185,16 @@ class RenyiTrainer(SavingMixin, Trainer):
             last = self.member_loglik(model, inputs)  # [c, B], graph kept
         with torch.no_grad():
             loglik = torch.cat([early, last.detach()])  # [K, B]
-            data_term, w = renyi_loss(loglik, self.alpha)
+            log_pi = self.log_mixture_weights
+            data_term, w = renyi_loss(loglik, self.alpha, log_pi)
+            weights = gradient_weights(w, args.routing_floor, log_pi)  # [K, B]
         scale = 1.0 / self.current_gradient_accumulation_steps
         prior = torch.zeros((), device=loglik.device)
         order = [chunks[-1], *chunks[:-1]]  # the last chunk's graph exists already: backpropagate it first
         for i, (start, stop) in enumerate(order):
             with ensemble.members(start, stop):
                 chunk_loglik = last if i == 0 else self.member_loglik(model, inputs)
-                surrogate = -(w[start:stop] * chunk_loglik).sum() / loglik.shape[1]
+                surrogate = weighted_loglik_loss(chunk_loglik.new_zeros(()), chunk_loglik, weights[start:stop]).mean()
                 if args.prior_weight > 0:  # this chunk's share of (1/K) sum_k ||theta_k||^2 / (2 prior_std^2)
                     params = [p[start:stop] for p in ensemble.lora_parameters()]
                     share = args.prior_weight * gaussian_prior(params, K, args.prior_std)
@@ -195,6 +206,7 @@ class RenyiTrainer(SavingMixin, Trainer):
         loss = data_term + prior
         bad = torch.stack([~torch.isfinite(loglik).all(1), ~torch.isfinite(loss).expand(len(w))])
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        self.upkeep.add(w)
         self._record(data_term, prior, w, loglik, group, self.target_counts(inputs))
         return loss.detach() * scale
 
