@@ -1,9 +1,9 @@
 """The survey task's classical anchors on the real data, as a table: ``python -m benchmarks.quality.survey_report``.
 
 Fits, on each survey's training respondents, the independent item marginals, the group oracle (told the party) and
-latent class models (K = 1 .. 6 for the BIC, the ``--num_classes`` one in the main table), and scores them on the
-held-out splits with ``survey_metrics.evaluate``. ``markdown_table`` also takes the results of adapters and
-ensembles (``survey_scoring.score`` then ``evaluate``), so every method lands in the same table.
+latent class models (K = 1 .. 6 compared on validation and by BIC; the ``--num_classes`` one in the main table), and
+scores them on the held-out splits with ``survey_metrics.evaluate``. ``markdown_table`` also takes the results of
+adapters and ensembles (``survey_scoring.score`` then ``evaluate``), so every method lands in the same table.
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ def anchors(data_dir: Path, survey: str, num_classes: int, restarts: int, seed: 
     fitted = {"independent marginals": (fit_marginals(train.answers, train.num_choices), False),
               "group oracle (told the party)": (fit_group_marginals(train.answers, train.num_choices, train.groups,
                                                                     list(PARTIES)), True)}
-    bic = []
-    for classes in range(1, 7):
+    bic, val = [], load_respondents(data_dir / f"survey_{survey}_val.jsonl")
+    for classes in range(1, 7):  # K is chosen on validation (or by BIC), never on test
         fit = fit_latent_classes(train.answers, train.num_choices, classes, restarts=restarts, seed=seed)
-        held = load_respondents(data_dir / f"survey_{survey}_{SPLITS[survey][0]}.jsonl")
-        nll = evaluate(context_free_scores(fit.model, len(held.answers)), held, ks=())["joint"]["nll"]
+        nll = evaluate(context_free_scores(fit.model, len(val.answers)), val, ks=())["joint"]["nll"]
         bic.append({"classes": classes, "train_loglik": round(fit.loglik, 2), "bic": round(fit.bic(len(train.answers)),
-                    1), "test_nll": round(nll, 4), "iterations": fit.iterations,
+                    1), "val_nll": round(nll, 4), "iterations": fit.iterations,
                     "restart_spread": round(max(fit.restart_logliks) - min(fit.restart_logliks), 3)})
         if classes == num_classes:
             fitted[f"latent classes K={classes} (EM)"] = (fit.model, False)
@@ -113,10 +112,11 @@ def main(argv: list[str] | None = None) -> None:
                          markdown_table(methods), "", f"Per-party mean posterior of the {lcm} (class weights "
                          f"{result['class_weights']}):", "", party_table(methods[lcm]), "",
                          item_table(methods), ""]
-        sections += [f"Latent class models on {survey.upper()} train, scored on {SPLITS[survey][0]}:", "",
-                     "| K | train log-lik | BIC | test joint NLL | EM iterations | restart spread |",
+        sections += [f"Latent class models fitted on {survey.upper()} train, scored on validation (restart spread: "
+                     "best minus worst training log-likelihood over the restarts):", "",
+                     "| K | train log-lik | BIC | val joint NLL | EM iterations | restart spread |",
                      "|---|---|---|---|---|---|"]
-        sections += [f"| {b['classes']} | {b['train_loglik']} | {b['bic']} | {b['test_nll']} | {b['iterations']} | "
+        sections += [f"| {b['classes']} | {b['train_loglik']} | {b['bic']} | {b['val_nll']} | {b['iterations']} | "
                      f"{b['restart_spread']} |" for b in result["bic"]] + [""]
     seconds = time.perf_counter() - start
     header = (f"# Survey task: classical anchors\n\n`python -m benchmarks.quality.survey_report` ({seconds:.0f} s; "
