@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 from benchmarks.quality import survey_anchors as anchors
 from benchmarks.quality import survey_metrics as metrics
+from benchmarks.quality import survey_report
 from benchmarks.quality.survey import (
     ANES,
     GSS,
@@ -110,6 +111,20 @@ def test_no_party_reaches_the_prompt_or_the_completion(built):
                 assert not any(word in text for word in PARTY_WORDS), (name, row["id"])
                 assert row["group"] in ("Democrat", "Independent", "Republican")
                 assert row["completion"] == survey.completion(row["answers"])
+
+
+@needs_wheels
+def test_anchor_report_on_the_real_quick_files(built, tmp_path):
+    out = tmp_path / "anchors.md"
+    survey_report.main(["--data_dir", str(built[2]), "--out", str(out), "--restarts", "2"])
+    text = out.read_text()
+    for heading in ("## GSS test (100 respondents", "## GSS test_shift (100 respondents", "## ANES test (100 "):
+        assert heading in text
+    results = json.loads(out.with_suffix(".json").read_text())
+    gss = results["gss"]["splits"]["test"]
+    assert set(gss) == {"independent marginals", "group oracle (told the party)", "latent classes K=4 (EM)"}
+    # Four classes explain GSS respondents far better than independent answers (the items form a scale).
+    assert gss["latent classes K=4 (EM)"]["joint"]["nll"] < gss["independent marginals"]["joint"]["nll"] - 0.5
 
 
 @needs_wheels
@@ -324,6 +339,7 @@ def test_model_scoring_matches_a_slow_oracle():
     respondents = metrics.Respondents(TINY, answers, ["Democrat", "Republican", "Democrat", "Republican"])
     result = metrics.evaluate(score(ensemble, tokenizer, respondents), respondents, ks=(1,))
     assert result["members"] == 3 and set(result["items"]["mi"]) == {"a", "b", "c"}
+    assert "| tiny K=3 | 3 |" in survey_report.markdown_table({"tiny K=3": result}, ks=("1",))
 
 
 def test_one_forward_per_batch(monkeypatch):
