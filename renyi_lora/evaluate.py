@@ -30,9 +30,10 @@ from renyi_lora.likelihoods import sequence_loglik
 from renyi_lora.objective import responsibilities
 from renyi_lora.ood import INPUT_SCORES, detection_aurocs, prompt_scores
 from renyi_lora.records import DataError, check_group, check_string, describe
-from renyi_lora.routing import pad_id, prior_log_weights, prompt_log_weights
+from renyi_lora.routing import pad_id, prompt_log_weights
 from renyi_lora.scoring import next_token_logliks, shared_prompt_logliks
 from renyi_lora.sources import read_typed_records
+from renyi_lora.token_uncertainty import prior_log_weights
 from renyi_lora.uncertainty import (
     accuracy,
     accuracy_at_coverage,

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from renyi_lora.inference import IncrementalForward, Prompt, encode_prompt, left_pad, pad_right
-from renyi_lora.routing import prior_log_weights, prompt_log_weights
-from renyi_lora.token_uncertainty import completion_scores, decompose_rows
+from renyi_lora.routing import prompt_log_weights
+from renyi_lora.token_uncertainty import completion_scores, decompose_rows, prior_log_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

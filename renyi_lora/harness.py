@@ -62,8 +62,7 @@ from tqdm.auto import tqdm
 from renyi_lora.inference import load_for_inference, pad_right
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import resolve_device
-from renyi_lora.routing import prior_log_weights
-from renyi_lora.token_uncertainty import decompose_rows
+from renyi_lora.token_uncertainty import decompose_rows, prior_log_weights
 from renyi_lora.uncertainty import decompose_uncertainty, mixture_log_probs
 
 logger = logging.getLogger(__name__)

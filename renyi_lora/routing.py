@@ -29,23 +29,12 @@ from renyi_lora.data import TokenizedDataset, load_sft_dataset, pad_rows
 from renyi_lora.inference import pad_right
 from renyi_lora.likelihoods import IGNORE_INDEX, sequence_loglik
 from renyi_lora.objective import responsibilities
-from renyi_lora.token_uncertainty import normalised_log_weights
+from renyi_lora.token_uncertainty import prior_log_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from renyi_lora.ensemble import LoraEnsemble
-
-
-def prior_log_weights(ensemble: LoraEnsemble, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-    """``log pi [K]`` float64 on the CPU: ``weights`` (normalised) if given, else the ensemble's saved mixture weights.
-
-    ``K`` is ``ensemble.output_members``: 1 under ``adapters_disabled()`` (the base model alone, weight 1).
-    """
-    K = ensemble.output_members
-    if weights is None and not ensemble.is_disabled and ensemble.mixture_weights.numel() == K:
-        weights = ensemble.mixture_weights.detach().cpu()
-    return normalised_log_weights(weights, K)
 
 
 @torch.no_grad()

@@ -24,8 +24,9 @@ import torch
 
 from renyi_lora.data import load_sft_dataset
 from renyi_lora.records import SFT_FORMATS, check_group
-from renyi_lora.routing import example_logliks, pad_id, prior_log_weights, routed_log_weights
+from renyi_lora.routing import example_logliks, pad_id, routed_log_weights
 from renyi_lora.sources import read_typed_records
+from renyi_lora.token_uncertainty import prior_log_weights
 from renyi_lora.uncertainty import normalized_mutual_information
 
 if TYPE_CHECKING:

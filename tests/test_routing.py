@@ -15,7 +15,9 @@ from renyi_lora.cli import main
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.generate import generate
 from renyi_lora.inference import load_for_inference, pad_right
-from renyi_lora.routing import posterior_weights, prior_log_weights, prompt_log_weights
+from renyi_lora.ood import prompt_scores
+from renyi_lora.routing import posterior_weights, prompt_log_weights
+from renyi_lora.token_uncertainty import prior_log_weights, token_uncertainty
 
 PI = [0.5, 0.3, 0.2]
 PROMPTS = ["hello there", "ab", "a longer prompt, with commas"]
@@ -62,6 +64,13 @@ def test_prior_is_the_saved_weights_unless_given(tokenizer, tiny_llama):
         assert prior_log_weights(ensemble).tolist() == [0.0]
     results = generate(ensemble, tokenizer, PROMPTS[:1], max_new_tokens=1)
     assert results[0].weights == pytest.approx(PI)
+    (record,) = token_uncertainty(ensemble, tokenizer, ["hi"], [" yo"])
+    expected = torch.logsumexp(torch.tensor(record["member_logliks"]) + torch.tensor(PI).log(), 0)
+    assert record["mixture_loglik"] == pytest.approx(expected.item(), abs=1e-5)
+    saved, given = prompt_scores(ensemble, tokenizer, PROMPTS), prompt_scores(ensemble, tokenizer, PROMPTS, PI)
+    torch.testing.assert_close(saved["prompt_spread"], given["prompt_spread"])
+    assert not torch.allclose(saved["prompt_spread"], prompt_scores(ensemble, tokenizer, PROMPTS, [1, 1, 1])
+                              ["prompt_spread"])
 
 
 def test_posterior_given_examples_equals_hand_computation(tokenizer, tiny_llama):
