@@ -235,8 +235,9 @@ def test_cli_eval_on_sft_data(saved, tokenizer, tmp_path, capsys):
     loglik, _, _ = hand_scores(ensemble, tokenizer, RECORDS[:2])
     posterior = torch.tensor([PI[0], PI[2]], dtype=torch.float64) * (loglik[[0, 2]].sum(1) - loglik.max()).exp()
     assert personal["weights"] == pytest.approx((posterior / posterior.sum()).tolist(), abs=1e-5)
-    main([*base, "--weights", "1", "1", "1"])
-    assert "weights: 0.333 0.333 0.333" in capsys.readouterr().out
+    main([*base, "--weights", "1", "1", "1", "--max_length", "12"])
+    printed = capsys.readouterr().out
+    assert "weights: 0.333 0.333 0.333" in printed and "(4 truncated to 12)" in printed  # 4 records exceed 12 tokens
 
 
 def test_cli_eval_multiple_choice_routing_flags(saved, tmp_path, capsys):
