@@ -43,6 +43,9 @@ _EXPORTS = {
     "load_model_and_tokenizer": "renyi_lora.models",
     # evaluation, uncertainty, generation
     "evaluate_multiple_choice": "renyi_lora.evaluate",
+    "evaluate_sft": "renyi_lora.sft_eval",
+    "load_for_inference": "renyi_lora.inference",
+    "posterior_weights": "renyi_lora.routing",
     "decompose_uncertainty": "renyi_lora.uncertainty",
     "token_uncertainty": "renyi_lora.token_uncertainty",
     "generate": "renyi_lora.generate",
@@ -73,11 +76,14 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from renyi_lora.ensemble import LoraEnsemble, load_adapter_mixture
     from renyi_lora.evaluate import evaluate_multiple_choice, load_multiple_choice
     from renyi_lora.generate import generate
+    from renyi_lora.inference import load_for_inference
     from renyi_lora.models import load_model_and_tokenizer
     from renyi_lora.objective import gaussian_prior, renyi_loss, renyi_per_example, responsibilities, routed_loss
     from renyi_lora.preference import DPOConfig, RenyiDPOTrainer
     from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
     from renyi_lora.records import DataError
+    from renyi_lora.routing import posterior_weights
+    from renyi_lora.sft_eval import evaluate_sft
     from renyi_lora.stability import critical_alpha
     from renyi_lora.token_uncertainty import token_uncertainty
     from renyi_lora.train import RenyiConfig, RenyiSFTTrainer, RenyiTrainer

@@ -328,6 +328,10 @@ def load_adapter_mixture(model: nn.Module, directories: list[str], members: list
     by the same code as ours. Members may differ in rank, scaling and adapted modules: each member's scaling is
     folded into its B, ranks are zero-padded to the largest, and a module a member does not adapt gets zeros
     there, so every member computes exactly its own ``W x + scaling * B A x``.
+
+    Mixture weights: one saved ensemble keeps its saved ``mixture_weights`` (renormalised over ``members``); several
+    folders get uniform weights over all their members, because weights learned inside one ensemble say nothing
+    about how to weigh it against another (pass explicit weights to the scoring functions to choose).
     """
     if len(directories) == 1 and (Path(directories[0]) / io.CONFIG_NAME).is_file():
         return LoraEnsemble.from_pretrained(model, directories[0], members)  # exact, its own config

@@ -4,8 +4,10 @@ member and each group.
 Each choice is scored by each member's log-likelihood of the choice's tokens after the prompt (sum, or mean
 with ``length_normalize``), all (item, choice) rows batched through one ensemble forward per batch; a
 log-softmax over an item's choices gives member distributions ``[K, N, C]`` (items with fewer choices are
-padded with -inf, probability 0), mixed with weights ``pi`` (uniform by default). The posterior routing of
-an item is ``w_k ∝ pi_k p_k(correct | prompt)`` (the alpha = 1 responsibility).
+padded with -inf, probability 0), mixed with weights ``pi`` (the ensemble's saved mixture weights by default). The
+posterior routing of an item is ``w_k ∝ pi_k p_k(correct | prompt)`` (the alpha = 1 responsibility). With
+``route_on_prompt`` each item's weights are first the posterior given its prompt, ``pi_k p_k(prompt)`` normalised
+(``renyi_lora.routing``), as ``renyi-lora generate --route_on_prompt`` weighs the members.
 
 ``base_only`` runs the same code with the adapters disabled (K = 1); a subset of a saved ensemble is
 evaluated by loading only those members (``LoraEnsemble.from_pretrained(..., members=[...])``), so single
@@ -23,14 +25,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from renyi_lora.inference import encode_pair, pad_right
+from renyi_lora.inference import encode_pair, encode_prompt, pad_right
 from renyi_lora.likelihoods import sequence_loglik
 from renyi_lora.objective import responsibilities
 from renyi_lora.ood import INPUT_SCORES, detection_aurocs, prompt_scores
 from renyi_lora.records import DataError, check_group, check_string, describe
+from renyi_lora.routing import pad_id, prompt_log_weights
 from renyi_lora.scoring import next_token_logliks, shared_prompt_logliks
 from renyi_lora.sources import read_typed_records
-from renyi_lora.token_uncertainty import normalised_log_weights
+from renyi_lora.token_uncertainty import prior_log_weights
 from renyi_lora.uncertainty import (
     accuracy,
     accuracy_at_coverage,
@@ -221,7 +224,7 @@ def multiple_choice_metrics(member_log_probs: torch.Tensor, answers: torch.Tenso
     Args:
         member_log_probs: ``[K, N, C]`` member distributions over choices.
         answers: ``[N]`` index of the correct choice.
-        log_weights: ``[K]`` normalised log mixture weights; uniform if None.
+        log_weights: ``[K]`` (or per item ``[K, N]``) normalised log mixture weights; uniform if None.
         num_bins: equal-width confidence bins for the ECE.
 
     Returns:
@@ -253,8 +256,11 @@ def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokeni
                              items: Sequence[MultipleChoiceItem], length_normalize: bool = False,
                              batch_size: int = 16, weights: Sequence[float] | None = None, base_only: bool = False,
                              member_ids: Sequence[int] | None = None, num_bins: int = 15,
-                             input_scores: bool = False, progress: bool = False, shared_prompt: bool = True) -> dict:
-    """Evaluate the ensemble (or the base model alone, ``base_only``) on multiple-choice ``items``.
+                             input_scores: bool = False, progress: bool = False, shared_prompt: bool = True,
+                             route_on_prompt: bool = False) -> dict:
+    """Evaluate the ensemble (or the base model alone, ``base_only``) on multiple-choice ``items``, mixed with
+    ``weights`` (normalised; the ensemble's saved mixture weights if None), routed on each prompt with
+    ``route_on_prompt`` (then each item records its ``weights``).
 
     Returns a JSON-serialisable dict: the settings, ``mixture`` / ``members`` / ``routing`` over all items
     (see ``multiple_choice_metrics``), ``groups`` (the same per group), ``mean_mi_by_group``, ``routing_matrix``
@@ -269,22 +275,24 @@ def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokeni
         K = ensemble.output_members
         member_log_probs = choice_log_probs(ensemble, tokenizer, items, length_normalize, batch_size, progress,
                                             shared_prompt)  # [K, N, C]
-        extra = prompt_scores(ensemble, tokenizer, [item.prompt for item in items], weights, max(1, batch_size // 4),
-                              progress) if input_scores else {}
+        prior = prior_log_weights(ensemble, weights)  # [K]
+        extra = prompt_scores(ensemble, tokenizer, [item.prompt for item in items], prior.exp(),
+                              max(1, batch_size // 4), progress) if input_scores else {}
+        log_weights = _prompt_routing(ensemble, tokenizer, items, prior, batch_size) if route_on_prompt else prior
     member_ids = list(member_ids) if member_ids is not None and not base_only else list(range(K))
     if len(member_ids) != K:
         raise ValueError(f"member_ids {member_ids} must name the {K} evaluated members")
-    log_weights = normalised_log_weights(weights, K)
     answers = torch.tensor([item.answer for item in items])
     results = {"num_items": len(items), "num_members": K, "member_ids": member_ids, "base_only": base_only,
-               "length_normalize": length_normalize, "weights": log_weights.exp().tolist(),
+               "length_normalize": length_normalize, "weights": prior.exp().tolist(),
                **multiple_choice_metrics(member_log_probs, answers, log_weights, num_bins)}
     group_of = [item.group if item.group is not None else NO_GROUP for item in items]
     names = list(dict.fromkeys(group_of))
     results["groups"] = {}
     for name in names:
         index = torch.tensor([n for n, g in enumerate(group_of) if g == name])
-        results["groups"][name] = multiple_choice_metrics(member_log_probs[:, index], answers[index], log_weights,
+        group_weights = log_weights[:, index] if log_weights.dim() == 2 else log_weights
+        results["groups"][name] = multiple_choice_metrics(member_log_probs[:, index], answers[index], group_weights,
                                                           num_bins)
     results["mean_mi_by_group"] = {name: g["mixture"]["epistemic"] for name, g in results["groups"].items()}
     results["routing_matrix"] = {"groups": names, "members": member_ids,
@@ -303,10 +311,21 @@ def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokeni
         "total": uncertainty.total[n].item(), "aleatoric": uncertainty.aleatoric[n].item(),
         "epistemic": uncertainty.epistemic[n].item(), "responsibility": routing[:, n].tolist(),
         **{name: values[n].item() for name, values in extra.items()},
+        **({"weights": log_weights[:, n].exp().tolist()} if route_on_prompt else {}),
     } for n, item in enumerate(items)]
+    if route_on_prompt:
+        results["route_on_prompt"] = True
     for name, values in extra.items():
         results["mixture"][name] = values.mean().item()
     return results
+
+
+def _prompt_routing(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleChoiceItem],
+                    log_prior: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``log w [K, N]``: each item's posterior over members given its prompt (``routing.prompt_log_weights``)."""
+    prompts = [encode_prompt(tokenizer, item.prompt)[0] for item in items]
+    return torch.cat([prompt_log_weights(ensemble, prompts[start:start + batch_size], 1.0, log_prior,
+                                         pad_id(tokenizer)).cpu() for start in range(0, len(prompts), batch_size)], 1)
 
 
 # Per-item uncertainty scores whose AUROC for out-of-distribution items ``ood_detection`` reports.

@@ -2,21 +2,36 @@
 
 Modes:
 
-- ``mixture``: at every step the next-token distribution is the weighted mixture ``sum_k w_k p_k``. All K
-  members run on K*B member-major rows with one KV cache, and all of them append the chosen token.
+- ``mixture``: tokens come from the mixture. All K members run on K*B member-major rows with one KV cache, and all
+  of them append the chosen token. Two mixtures (``mixture=``):
+
+  - ``"sequence"`` (default): the next-token distribution is ``sum_k w_k(t) p_k(. | x, y_<t)`` with
+    ``w_k(t) ∝ w_k p_k(y_<t | x)``: the weights follow each member's fit to the tokens generated so far (Bayes'
+    rule). This is the sequence mixture ``p(y | x) = sum_k w_k p_k(y | x)`` decoded token by token: the product of
+    the step probabilities of a continuation is exactly its probability under the mixture that ``renyi-lora eval``
+    scores and lm-eval's ``renyi`` model reports (``renyi_lora.harness``), so all three share one predictive.
+  - ``"token"``: the fixed-weight token mixture ``sum_k w_k p_k(. | x, y_<t)`` at every step. Members never drop
+    out, so a continuation can switch between members' conventions mid-sentence; it is not the distribution of any
+    one sequence mixture.
 - ``members``: each member's own continuation, side by side (K*B rows, each following its own member). The
   MI of each token is then computed on that member's continuation by ``token_uncertainty`` (all K members
   scoring each continuation), because during decoding the other members never see it.
-- ``sample``: draw one member per prompt by weight, then generate with that member alone. The members still
-  all run, so the MI of the mixture along the drawn member's continuation comes for free.
+- ``sample``: draw one member per prompt by weight, then generate with that member alone: with ``do_sample`` an
+  exact draw from the sequence mixture. The members still all run, so the MI of the mixture along the drawn
+  member's continuation comes for free.
 
-``route_on_prompt`` replaces the weights by the posterior given the prompt, ``w_k ∝ pi_k p_k(prompt)^alpha``
-(alpha = 1: Bayes' rule for the mixture; alpha = 0: the prior; alpha = inf: the best member).
+The weights ``w`` start from ``weights`` (normalised), else the ensemble's saved mixture weights pi
+(``LoraEnsemble.mixture_weights``). ``route_on_prompt`` replaces them by the posterior given the prompt,
+``w_k ∝ pi_k p_k(prompt)^alpha`` (alpha = 1: Bayes' rule for the mixture; alpha = 0: the prior; alpha = inf: the
+best member), and ``renyi_lora.routing.posterior_weights`` gives the posterior given a user's own examples, to pass
+as ``weights`` (see ``renyi_lora.routing``).
 
 Each token records ``prob`` (its probability under the distribution it was drawn from, before temperature
-and top-p) and ``mi`` / ``entropy`` (epistemic / total uncertainty of the weighted mixture at that step).
-Prompts are left-padded, with position ids counted from each row's first real token, so a batch
-generates what each prompt generates alone; a row stops at its first EOS and is padded after it.
+and top-p) and ``mi`` / ``entropy`` (epistemic / total uncertainty of the mixture with the prompt's weights ``w``
+at that step, in every mode: the members' disagreement about the next token, as ``token_uncertainty`` scores it
+along the same text; the sequence mixture's own weights concentrate on one member within a few tokens, after which
+their MI says little). Prompts are left-padded, with position ids counted from each row's first real token, so a
+batch generates what each prompt generates alone; a row stops at its first EOS and is padded after it.
 """
 
 from __future__ import annotations
@@ -28,9 +43,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from renyi_lora.inference import IncrementalForward, Prompt, encode_prompt, left_pad, pad_right
-from renyi_lora.likelihoods import sequence_loglik
-from renyi_lora.objective import responsibilities
-from renyi_lora.token_uncertainty import completion_scores, decompose_rows, normalised_log_weights
+from renyi_lora.routing import prompt_log_weights
+from renyi_lora.token_uncertainty import completion_scores, decompose_rows, prior_log_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,6 +53,8 @@ if TYPE_CHECKING:
 
 Mode = Literal["mixture", "members", "sample"]
 MODES = ("mixture", "members", "sample")
+Mixture = Literal["sequence", "token"]
+MIXTURES = ("sequence", "token")
 
 
 @dataclass
@@ -84,24 +100,12 @@ def choose_tokens(log_probs: torch.Tensor, do_sample: bool = False, temperature:
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def prompt_log_weights(ensemble: LoraEnsemble, prompt_ids: list[list[int]], alpha: float = 1.0,
-                       log_prior: torch.Tensor | None = None, pad_token_id: int = 0) -> torch.Tensor:
-    """Posterior over members given each prompt, ``log w [K, B]`` with ``w_k ∝ pi_k p_k(prompt)^alpha``.
-
-    ``p_k(prompt)`` is member k's likelihood of the prompt's tokens after its first (which has no context).
-    """
-    K = ensemble.output_members
-    log_prior = normalised_log_weights(None, K) if log_prior is None else log_prior
-    device = next(ensemble.parameters()).device
-    input_ids, attention_mask, labels = pad_right([[] for _ in prompt_ids], prompt_ids, pad_token_id, device)
-    loglik = sequence_loglik(ensemble(input_ids, attention_mask, labels=labels), labels, dtype=torch.float64)
-    return responsibilities(loglik, alpha, log_prior.to(loglik)).log()  # [K, B]
-
-
-def check_generation(mode: str, max_new_tokens: int, temperature: float, top_p: float, alpha: float) -> None:
+def check_generation(mode: str, max_new_tokens: int, temperature: float, top_p: float, alpha: float,
+                     mixture: str = "sequence") -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if mixture not in MIXTURES:
+        raise ValueError(f"mixture must be one of {MIXTURES}; got {mixture!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not temperature > 0:
@@ -126,11 +130,13 @@ def _eos_ids(tokenizer: PreTrainedTokenizerBase, ensemble: LoraEnsemble, eos_tok
 def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
              mode: Mode = "mixture", max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, route_on_prompt: bool = False, alpha: float = 1.0,
-             weights: Sequence[float] | None = None, eos_token_id: int | list[int] | None = None,
-             ) -> list[GenerationResult]:
+             weights: Sequence[float] | torch.Tensor | None = None, eos_token_id: int | list[int] | None = None,
+             mixture: Mixture = "sequence") -> list[GenerationResult]:
     """Generate a continuation of every prompt (a string, or a list of chat messages rendered with the chat
-    template); returns one ``GenerationResult`` per prompt. Under ``ensemble.adapters_disabled()`` K = 1."""
-    check_generation(mode, max_new_tokens, temperature, top_p, alpha)
+    template); returns one ``GenerationResult`` per prompt. ``weights``: the prior over members (normalised; the
+    ensemble's saved mixture weights if None); ``mixture``: ``"sequence"`` or ``"token"`` decoding in ``mixture``
+    mode (module docstring). Under ``ensemble.adapters_disabled()`` K = 1."""
+    check_generation(mode, max_new_tokens, temperature, top_p, alpha, mixture)
     K, B = ensemble.output_members, len(prompts)
     device = next(ensemble.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -139,7 +145,7 @@ def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts
     prompt_ids = [encode_prompt(tokenizer, prompt)[0] for prompt in prompts]
     if any(not ids for ids in prompt_ids):
         raise ValueError("a prompt encodes to no tokens; expected non-empty prompts")
-    log_weights = normalised_log_weights(weights, K).to(device)[:, None].expand(K, B)  # [K, B]
+    log_weights = prior_log_weights(ensemble, weights).to(device)[:, None].expand(K, B)  # [K, B]
     if route_on_prompt:
         log_weights = prompt_log_weights(ensemble, prompt_ids, alpha, log_weights[:, 0], pad)
     follow = log_weights
@@ -154,7 +160,7 @@ def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts
         input_ids, attention_mask = input_ids.repeat(K, 1), attention_mask.repeat(K, 1)  # [K*B, S]
     tokens, probs, mi, total, lengths, finished = _decode(
         IncrementalForward(ensemble, per_member), input_ids, attention_mask, follow, log_weights, per_member,
-        max_new_tokens, eos, pad, generator, do_sample, temperature, top_p)
+        mode == "mixture" and mixture == "sequence", max_new_tokens, eos, pad, generator, do_sample, temperature, top_p)
 
     if per_member:  # MI along each member's own continuation, from all K members scoring it
         generated = [tokens[r, : lengths[r]].tolist() for r in range(tokens.shape[0])]
@@ -184,12 +190,14 @@ def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts
 
 
 def _decode(forward: IncrementalForward, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            follow: torch.Tensor, report: torch.Tensor, per_member: bool, max_new_tokens: int, eos: torch.Tensor,
-            pad: int, generator: torch.Generator, do_sample: bool, temperature: float, top_p: float):
+            follow: torch.Tensor, report: torch.Tensor, per_member: bool, sequence: bool, max_new_tokens: int,
+            eos: torch.Tensor, pad: int, generator: torch.Generator, do_sample: bool, temperature: float,
+            top_p: float):
     """The decoding loop over R rows (B shared-token rows, or K*B per-member streams when ``per_member``).
 
-    ``follow [K, B]``: log weights of the distribution tokens are drawn from; ``report [K, B]``: those of the
-    mixture whose uncertainty is recorded. Returns ``tokens, probs, mi, total`` ``[R, L]`` (padding after
+    ``follow [K, B]``: log weights of the distribution tokens are drawn from, updated after every token by each
+    member's probability of it when ``sequence`` (the sequence mixture); ``report [K, B]``: those of the mixture
+    whose uncertainty is recorded. Returns ``tokens, probs, mi, total`` ``[R, L]`` (padding after
     each row's end), ``lengths [R]`` (tokens kept, EOS included) and ``finished [R]`` (stopped on EOS).
     """
     R = input_ids.shape[0]
@@ -208,6 +216,9 @@ def _decode(forward: IncrementalForward, input_ids: torch.Tensor, attention_mask
         token = choose_tokens(distribution, do_sample, temperature, top_p, generator)
         token = token.masked_fill(done, pad)  # finished rows pad
         prob = distribution.gather(-1, token[:, None]).squeeze(-1).exp()
+        if sequence:  # Bayes' rule: w_k(t+1) ∝ w_k(t) p_k(token); finished rows update on padding, unused
+            member = log_probs.gather(-1, token[None, :, None].expand(log_probs.shape[0], -1, 1)).squeeze(-1)  # [K, B]
+            follow = torch.log_softmax(follow + member.to(follow), dim=0)
         steps.append((token, prob, mi.float(), total.float()))
         lengths += ~done
         done |= torch.isin(token, eos)

@@ -14,7 +14,8 @@ first. model_args:
   and PEFT LoRA folders (one member each, e.g. ``OUT/peft/member_0|OUT/peft/member_1``), as ``renyi-lora eval
   --adapters`` (``renyi_lora.io.load_adapter_mixture``).
 - ``members`` (optional, e.g. ``0|2``): keep only these of the concatenated members.
-- ``weights`` (optional, e.g. ``1|3``): mixture weights ``pi`` (normalised); uniform if omitted.
+- ``weights`` (optional, e.g. ``1|3``): mixture weights ``pi`` (normalised); if omitted, the ensemble's saved mixture
+  weights (``LoraEnsemble.mixture_weights``: uniform unless learned; uniform over the members of several folders).
 - ``batch_size`` (rows per forward, default 16), ``device`` (``auto``, ``cpu``, ``cuda``...), ``dtype``
   (``float32`` default), ``max_length``, ``add_bos_token``, ``trust_remote_code``, ``mi_log`` (a JSONL path, below).
 
@@ -61,7 +62,7 @@ from tqdm.auto import tqdm
 from renyi_lora.inference import load_for_inference, pad_right
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import resolve_device
-from renyi_lora.token_uncertainty import decompose_rows, normalised_log_weights
+from renyi_lora.token_uncertainty import decompose_rows, prior_log_weights
 from renyi_lora.uncertainty import decompose_uncertainty, mixture_log_probs
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class RenyiLM(TemplateLM):
         self.ensemble, self.tokenizer = load_for_inference(str(pretrained), directories, _split(members, int),
                                                            _bool(trust_remote_code), device, getattr(torch, str(dtype)))
         self.ensemble.eval()
-        self.log_weights = normalised_log_weights(_split(weights, float), self.ensemble.num_members)
+        self.log_weights = prior_log_weights(self.ensemble, _split(weights, float))
         if isinstance(batch_size, str) and not batch_size.strip().isdigit():
             logger.warning("renyi: batch_size=%s is not supported; using %d rows per forward", batch_size,
                            DEFAULT_BATCH_SIZE)
@@ -316,8 +317,9 @@ class RenyiLM(TemplateLM):
         raise NotImplementedError(
             "renyi: generate_until is not supported; lm-eval generative tasks need greedy decoding of the sequence "
             "mixture, whose next-token weights change with every token. Score generative tasks per member with "
-            "--model hf --model_args pretrained=BASE,peft=OUT/peft/member_k, and generate from the mixture with "
-            "per-token mutual information with `renyi-lora generate --model BASE --adapters OUT --mode mixture`.")
+            "--model hf --model_args pretrained=BASE,peft=OUT/peft/member_k, and generate from the sequence mixture "
+            "(the predictive these scores use) with per-token mutual information with `renyi-lora generate --model "
+            "BASE --adapters OUT --mode mixture`.")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -105,7 +105,8 @@ def load_for_inference(model_name: str, adapters: list[str] | None, members: lis
                        ) -> tuple[LoraEnsemble, PreTrainedTokenizerBase]:
     """``(ensemble, tokenizer)``: the base model in ``dtype`` on ``device`` (``auto``: cuda if available) with the
     adapters of ``adapters`` as one mixture (``ensemble.load_adapter_mixture``), or a fresh member when there are none
-    (for the base model alone, under ``adapters_disabled``)."""
+    (for the base model alone, under ``adapters_disabled``). ``ensemble.mixture_weights`` are one saved ensemble's
+    own (renormalised over ``members``), uniform over the members of several folders."""
     check_model_exists(model_name)
     model, tokenizer = load_model_and_tokenizer(model_name, trust_remote_code, torch_dtype=dtype)
     model.to(resolve_device(device)).eval()

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from renyi_lora.inference import Prompt, encode_prompt, pad_right
-from renyi_lora.token_uncertainty import completion_scores, normalised_log_weights
+from renyi_lora.token_uncertainty import completion_scores, prior_log_weights
 from renyi_lora.uncertainty import auroc
 
 if TYPE_CHECKING:
@@ -34,13 +34,14 @@ INPUT_SCORES = ("prompt_mi", "prompt_spread")
 def prompt_scores(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
                   weights: Sequence[float] | None = None, batch_size: int = 8,
                   progress: bool = False) -> dict[str, torch.Tensor]:
-    """Member disagreement on each prompt's own tokens.
+    """Member disagreement on each prompt's own tokens, the members mixed with ``weights`` (normalised; the ensemble's
+    saved mixture weights if None).
 
     Returns:
         ``{"prompt_mi": [N], "prompt_spread": [N]}`` float64: the mean token MI along the prompt and the weighted
         standard deviation across members of the mean token log-likelihood (0 for a one-token prompt).
     """
-    log_weights = normalised_log_weights(weights, ensemble.output_members)  # [K]
+    log_weights = prior_log_weights(ensemble, weights)  # [K]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(ensemble.parameters()).device
     rows = [encode_prompt(tokenizer, prompt)[0] for prompt in prompts]

@@ -74,3 +74,48 @@ def write_report(results: dict, output: str | Path) -> list[Path]:
     report.write_text(f"# Multiple-choice evaluation ({title})\n\nResults: `{output.name}`\n\n```\n"
                       f"{results_table(results)}\n```\n\n{figures}\n")
     return [output, reliability, routing, histogram, report]
+
+
+def sft_results_table(results: dict) -> str:
+    """The printed summary of ``evaluate_sft``'s results: NLL of the mixture, members and groups; NLL and routing per
+    group and member; the NMI between groups and owning members."""
+    names = [f"member {k}" for k in results["member_ids"]] if not results["base_only"] else ["base model"]
+    weights = "weights: " + " ".join(f"{w:.3f}" for w in results["weights"])
+    if results["route_on_prompt"]:
+        weights += ", then routed on each prompt (pi_k p_k(prompt))"
+    lines = [f"{results['num_examples']} examples, {results['num_tokens']} target tokens "
+             f"({results['num_truncated']} truncated to {results['max_length']}); {weights}"]
+    rows = [["mixture" if not results["base_only"] else "base model", results["num_examples"], results["num_tokens"],
+             results["mixture"]["nll"], results["mixture"]["nll_per_token"]]]
+    if results["num_members"] > 1:
+        rows += [[name, results["num_examples"], results["num_tokens"], m["nll"], m["nll_per_token"]]
+                 for name, m in zip(names, results["members"], strict=True)]
+    rows += [[f"group {name}", g["num_examples"], g["num_tokens"], g["mixture"]["nll"], g["mixture"]["nll_per_token"]]
+             for name, g in results["groups"].items()]
+    tables = [format_table(["", "n", "tokens", "NLL", "NLL/token"], rows)]
+    groups = results["groups"].items()
+    tables.append(format_table(["NLL per example", "mixture", *names],
+                               [[f"group {name}", g["mixture"]["nll"], *[m["nll"] for m in g["members"]]]
+                                for name, g in groups]))
+    routing = [[f"group {name}", *g["responsibility"]] for name, g in groups]
+    routing.append(["all examples", *results["responsibility"]])
+    tables.append(format_table(["mean responsibility", *names], routing))
+    nmi = results["nmi"]
+    lines.append("\n\n".join(tables))
+    lines.append("NMI(group, owning member): " + (format_number(nmi) if nmi is not None else "- (fewer than 2 groups)"))
+    return "\n\n".join(lines)
+
+
+def write_sft_report(results: dict, output: str | Path) -> list[Path]:
+    """Write ``evaluate_sft``'s results JSON to ``output`` and next to it ``<stem>_routing.png`` and
+    ``<stem>_report.md`` (the table and the figure); returns the paths."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    stem = output.parent / output.stem
+    routing = routing_heatmap(results["routing_matrix"]["matrix"], results["routing_matrix"]["groups"],
+                              f"{stem}_routing.png", title="Mean responsibility by group (held-out SFT data)")
+    report = Path(f"{stem}_report.md")
+    report.write_text(f"# SFT evaluation ({results['num_members']} members)\n\nResults: `{output.name}`\n\n```\n"
+                      f"{sft_results_table(results)}\n```\n\n![{routing.stem}]({routing.name})\n")
+    return [output, routing, report]

@@ -43,6 +43,18 @@ def normalised_log_weights(weights: Sequence[float] | torch.Tensor | None, num_m
     return (weights / weights.sum()).log()
 
 
+def prior_log_weights(ensemble: LoraEnsemble, weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """``log pi [K]`` float64 on the CPU: ``weights`` (normalised) if given, else the ensemble's saved mixture weights
+    (``LoraEnsemble.mixture_weights``: uniform unless learned). The default of every scoring and generation function.
+
+    ``K`` is ``ensemble.output_members``: 1 under ``adapters_disabled()`` (the base model alone, weight 1).
+    """
+    K = ensemble.output_members
+    if weights is None and not ensemble.is_disabled and ensemble.mixture_weights.numel() == K:
+        weights = ensemble.mixture_weights.detach().cpu()
+    return normalised_log_weights(weights, K)
+
+
 def decompose_rows(member_log_probs: torch.Tensor, log_weights: torch.Tensor) -> Uncertainty:
     """Uncertainty of a mixture whose weights differ per row.
 
@@ -144,13 +156,15 @@ def token_uncertainty(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase
                       batch_size: int = 8) -> list[dict]:
     """Per-token total entropy and MI of the mixture along each completion, and sequence scores.
 
+    ``weights``: the mixture weights (normalised), the ensemble's saved mixture weights if None.
+
     Returns one JSON-serialisable dict per example: ``tokens`` (decoded), ``token_ids``, per-token ``entropy``,
     ``aleatoric``, ``mi``, ``prob`` (mixture probability of the token), and ``mean_mi``, ``loglik_variance``,
     ``member_logliks`` ``[K]``, ``mixture_loglik``.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; expected one each")
-    log_weights = normalised_log_weights(weights, ensemble.output_members)
+    log_weights = prior_log_weights(ensemble, weights)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(ensemble.parameters()).device
     results = []

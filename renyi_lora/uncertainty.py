@@ -296,3 +296,35 @@ def accuracy_at_coverage(uncertainty: torch.Tensor, correct: torch.Tensor, cover
     _, risk = risk_coverage_curve(uncertainty, correct)
     kept = math.ceil(coverage * risk.numel() - 1e-9)  # the float product may land a hair above an integer
     return 1.0 - risk[kept - 1].item()
+
+
+def normalized_mutual_information(labels: torch.Tensor, clusters: torch.Tensor) -> float:
+    """NMI between two labellings of N items: ``I(labels; clusters) / ((H(labels) + H(clusters)) / 2)``, the
+    arithmetic normalisation of scikit-learn's ``normalized_mutual_info_score`` (its default), with its limits.
+
+    Used to ask whether routing follows the groups: labels = each example's group, clusters = its owning member
+    (argmax responsibility). 1: the members split exactly by group (any relabelling); 0: independent.
+
+    Args:
+        labels, clusters: ``[N]`` integer ids (any values).
+
+    Returns:
+        NMI in [0, 1]; 1.0 when both labellings are constant (nothing to split, as scikit-learn), 0.0 when only one is.
+    """
+    if labels.dim() != 1 or clusters.shape != labels.shape:
+        raise ValueError(f"expected labels [N] and clusters [N]; got {tuple(labels.shape)} and {tuple(clusters.shape)}")
+    label_names, label_ids = torch.unique(labels, return_inverse=True)
+    cluster_names, cluster_ids = torch.unique(clusters, return_inverse=True)
+    num_labels, num_clusters = len(label_names), len(cluster_names)
+    if num_labels == num_clusters and num_labels <= 1:
+        return 1.0
+    joint = torch.zeros(num_labels, num_clusters, dtype=torch.float64)
+    joint.index_put_((label_ids, cluster_ids), torch.ones(labels.numel(), dtype=torch.float64), accumulate=True)
+    joint /= labels.numel()  # [L, C] joint distribution
+    p_label, p_cluster = joint.sum(1), joint.sum(0)
+    nonzero = joint > 0
+    mutual = (joint[nonzero] * (joint[nonzero] / (p_label[:, None] * p_cluster[None])[nonzero]).log()).sum().item()
+    if mutual <= 0:
+        return 0.0
+    mean_entropy = (entropy(p_label.log()).item() + entropy(p_cluster.log()).item()) / 2
+    return mutual / max(mean_entropy, torch.finfo(torch.float64).eps)

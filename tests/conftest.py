@@ -16,6 +16,7 @@ Where each module's tests live (module in ``renyi_lora/``: files in ``tests/``):
 - model_card: test_model_card (metadata parsed by huggingface_hub, upload selection)
 - inference, scoring, token_uncertainty, generate: test_scoring, test_generate
 - evaluate, ood, report: test_evaluate, test_eval_mixtures
+- routing, sft_eval (posterior routing, the sequence mixture, eval on SFT data): test_routing, test_sft_eval
 - curvature, refine, stability, critical: test_stability (closed forms), test_critical
 - harness: test_harness (lm-evaluation-harness, members via hf+peft and the mixture)
 - commands/, cli: test_cli, test_bad_input, test_trainer_api, test_eval_mixtures

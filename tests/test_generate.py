@@ -136,9 +136,9 @@ def test_left_padding_with_absolute_positions_gpt2(tokenizer):
                         bos_token_id=None, eos_token_id=EOS, pad_token_id=0)
     ensemble = make_ensemble(GPT2LMHeadModel(config).eval(), target_modules=["c_attn", "c_fc"],
                              layers_to_transform=[1, 2])
-    batched = generate(ensemble, tokenizer, PROMPTS, mode="mixture", max_new_tokens=6)
+    batched = generate(ensemble, tokenizer, PROMPTS, mode="mixture", max_new_tokens=6, mixture="token")
     for prompt, result in zip(PROMPTS, batched, strict=True):
-        alone = generate(ensemble, tokenizer, [prompt], mode="mixture", max_new_tokens=6)[0]
+        alone = generate(ensemble, tokenizer, [prompt], mode="mixture", max_new_tokens=6, mixture="token")[0]
         assert [t.id for t in result.continuations[0].tokens] == [t.id for t in alone.continuations[0].tokens]
         # and the cached mixture follows an uncached greedy loop on the mixture of member probabilities
         expected = greedy_oracle(lambda x: torch.logsumexp(torch.log_softmax(ensemble(x)[:, 0, -1], -1), 0),
@@ -148,7 +148,8 @@ def test_left_padding_with_absolute_positions_gpt2(tokenizer):
 
 def test_mixture_mi_equals_free_text_scores(tokenizer, tiny_llama):
     ensemble = make_ensemble(tiny_llama)
-    results = generate(ensemble, tokenizer, PROMPTS, mode="mixture", max_new_tokens=6, weights=[0.5, 0.3, 0.2])
+    results = generate(ensemble, tokenizer, PROMPTS, mode="mixture", max_new_tokens=6, weights=[0.5, 0.3, 0.2],
+                       mixture="token")  # the fixed-weight token mixture (the sequence mixture: tests/test_routing.py)
     prompts = [ids_of(tokenizer, p) for p in PROMPTS]
     generated = [[t.id for t in r.continuations[0].tokens] for r in results]
     scores = completion_scores(ensemble, *pad_right(prompts, generated, 0),
@@ -235,6 +236,8 @@ def test_bad_arguments_raise_clear_errors(tokenizer, tiny_llama):
     ensemble = make_ensemble(tiny_llama)
     with pytest.raises(ValueError, match="mode must be one of"):
         generate(ensemble, tokenizer, PROMPTS, mode="vote")
+    with pytest.raises(ValueError, match="mixture must be one of"):
+        generate(ensemble, tokenizer, PROMPTS, mixture="vote")
     with pytest.raises(ValueError, match="top_p"):
         generate(ensemble, tokenizer, PROMPTS, top_p=0)
     with pytest.raises(ValueError, match="weights must be 3"):

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from renyi_lora.commands.common import ModelArguments
-from renyi_lora.generate import GenerationResult, Mode, check_generation, generate
+from renyi_lora.commands.common import ROUTE_EXAMPLES_HELP, ModelArguments, route_weights
+from renyi_lora.generate import GenerationResult, Mixture, Mode, check_generation, generate
 from renyi_lora.inference import Prompt, load_for_inference
+from renyi_lora.records import SFT_FORMATS
 from renyi_lora.report import format_number
+from renyi_lora.sources import read_typed_records
 
 
 @dataclass
@@ -23,13 +25,18 @@ class GenerateArguments(ModelArguments):
                                      "action": "extend"})
     prompts_file: str | None = field(default=None, metadata={"help": "Text file with one prompt per line (blank "
                                      "lines skipped)."})
-    mode: Mode = field(default="mixture", metadata={"help": "mixture: the weighted mixture's next token; members: "
-                       "each member's own continuation; sample: one member drawn by weight per prompt."})
+    mode: Mode = field(default="mixture", metadata={"help": "mixture: tokens from the mixture (see --mixture); "
+                       "members: each member's own continuation; sample: one member drawn by weight per prompt."})
+    mixture: Mixture = field(default="sequence", metadata={"help": "With --mode mixture. sequence: the sequence "
+                             "mixture sum_k w_k p_k(y|x) token by token, each step weighing the members by w_k times "
+                             "their likelihood of the tokens so far (the predictive eval and lm-eval score); token: "
+                             "the same weights w_k at every step."})
     route_on_prompt: bool = field(default=False, metadata={"help": "Weight members by their posterior given the "
                                   "prompt, w_k ∝ pi_k p_k(prompt)^alpha."})
     alpha: float = field(default=1.0, metadata={"help": "Order of the prompt posterior (with --route_on_prompt)."})
     weights: list[float] | None = field(default=None, metadata={"help": "Prior mixture weights, one per member; "
-                                        "uniform if omitted."})
+                                        "the saved ensemble's mixture weights if omitted."})
+    route_examples: str | None = field(default=None, metadata={"help": ROUTE_EXAMPLES_HELP})
     members: list[int] | None = field(default=None, metadata={"help": "Use only these members of the ensemble."})
     base_only: bool = field(default=False, metadata={"help": "Generate with the base model alone (adapters off)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens generated per prompt."})
@@ -45,11 +52,15 @@ class GenerateArguments(ModelArguments):
     def __post_init__(self) -> None:
         if not self.prompt and not self.prompts_file:
             raise ValueError("give at least one --prompt \"...\" or --prompts_file FILE")
-        if self.prompts_file and not Path(self.prompts_file).is_file():
-            raise FileNotFoundError(f"--prompts_file {self.prompts_file}: file not found")
+        for flag, path in (("--prompts_file", self.prompts_file), ("--route_examples", self.route_examples)):
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} {path}: file not found")
         if not self.adapters and not self.base_only:
             raise ValueError("--adapters DIR is required (a saved ensemble), unless --base_only")
-        check_generation(self.mode, self.max_new_tokens, self.temperature, self.top_p, self.alpha)
+        if self.base_only and self.route_examples:
+            raise ValueError("--route_examples weighs the members of --adapters; the base model alone (--base_only) "
+                             "has none to weigh")
+        check_generation(self.mode, self.max_new_tokens, self.temperature, self.top_p, self.alpha, self.mixture)
 
     def prompts(self) -> list[Prompt]:
         texts = list(self.prompt or [])
@@ -61,14 +72,18 @@ class GenerateArguments(ModelArguments):
 def run_generate(args: GenerateArguments) -> list[GenerationResult]:
     """What ``renyi-lora generate`` does: load the model and ensemble, generate, optionally write JSON."""
     prompts = args.prompts()
+    if args.route_examples:  # bad data fails before the model loads
+        read_typed_records(args.route_examples, SFT_FORMATS, "--route_examples")
     adapters = [args.adapters] if args.adapters else None
     ensemble, tokenizer = load_for_inference(args.model, adapters, args.members, args.trust_remote_code, args.device)
     if args.chat and not tokenizer.chat_template:
         raise ValueError(f"--chat: the tokenizer of {args.model} has no chat template")
+    weights = route_weights(args.route_examples, ensemble, tokenizer, args.weights)
     disabled = ensemble.adapters_disabled() if args.base_only else contextlib.nullcontext()
     with disabled:
         results = generate(ensemble, tokenizer, prompts, args.mode, args.max_new_tokens, args.do_sample,
-                           args.temperature, args.top_p, args.seed, args.route_on_prompt, args.alpha, args.weights)
+                           args.temperature, args.top_p, args.seed, args.route_on_prompt, args.alpha, weights,
+                           mixture=args.mixture)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
