@@ -89,11 +89,10 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
                                       "off."})
     alpha_warmup_steps: int | None = field(default=None, metadata={"help": "Length of the alpha warm-up in optimizer "
                                            "steps; overrides --alpha_warmup_ratio when given (0 = off)."})
-    routing_floor: float = field(default=0.0, metadata={"help": "Every member's likelihood gradient on every example is "
-                                 "weighted by at least routing_floor * pi_k: the gradient of (1 - floor) * l_alpha + "
-                                 "floor * l_0. Keeps a member that falls behind early (long completions route sharply) "
-                                 "learning, so that it can come back (docs/specialisation.md). 0 = the exact alpha-Renyi "
-                                 "gradient."})
+    routing_floor: float = field(default=0.0, metadata={"help": "Every member's likelihood gradient on every example "
+                                 "is weighted by at least routing_floor * pi_k: the gradient of (1 - floor) * l_alpha "
+                                 "+ floor * l_0. Keeps a member that falls behind learning, slowly (revival is the "
+                                 "default cure; docs/specialisation.md). 0 = the exact alpha-Renyi gradient."})
     revive_threshold: float = field(default=0.01, metadata={"help": "A member whose mean responsibility over the last "
                                     "--member_update_steps steps is below this is dead (long completions can hand "
                                     "one member every example early on): it is replaced by a noisy copy of the most "

@@ -14,6 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
 from renyi_lora.io import export_all_peft, load_adapter_weights, save_ensemble
 from renyi_lora.model_card import SUMMARY_NAME, push_to_hub, write_model_card
 
@@ -25,6 +29,49 @@ logger = logging.getLogger(__name__)
 def _last_log(trainer: RenyiTrainer, key: str) -> dict[str, Any]:
     """The last ``log_history`` entry holding ``key`` (the Trainer's final train metrics, the last evaluation)."""
     return next((dict(entry) for entry in reversed(trainer.state.log_history) if key in entry), {})
+
+
+@torch.no_grad()
+def routing_summary(trainer: RenyiTrainer, dataset: Dataset) -> dict:
+    """Mean responsibility and mean NLL of each member per group over ``dataset`` (``"all"`` if there are no groups),
+    and each member's mean responsibility over the examples with a group (``load``, [K]).
+
+    Each process scores every ``num_processes``-th example and the sums are all-reduced, so every process must
+    call this (as ``save_model`` does) and gets the same result.
+    """
+    args = trainer.args
+    group_names = list(getattr(dataset, "group_names", None) or trainer.group_names)
+    model = trainer.model  # unwrapped: no DDP collectives per batch
+    model.eval()
+    accelerator = trainer.accelerator
+    shard = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    loader = DataLoader(shard, batch_size=args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+    names = group_names or ["all"]
+    K = trainer.ensemble.num_members
+    resp, nll, count = torch.zeros(len(names), K), torch.zeros(len(names), K), torch.zeros(len(names))
+    bar = tqdm(loader, desc="routing summary", disable=args.disable_tqdm or not trainer.is_world_process_zero())
+    for batch in bar:
+        group = batch.pop("group")  # [B]
+        if not group_names:
+            group = torch.zeros_like(group)
+        with torch.no_grad():
+            _, w, loglik = trainer.data_term(model, trainer._prepare_inputs(batch))
+        valid = group >= 0  # examples without a group count in no row
+        group, w, loglik = group[valid], w[:, valid].T.float().cpu(), loglik[:, valid].T.float().cpu()
+        resp.index_add_(0, group, w)
+        nll.index_add_(0, group, -loglik)
+        count.index_add_(0, group, torch.ones(len(group)))
+    trainer._metrics["eval"].clear()  # data_term recorded these batches as eval metrics, not an evaluation
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(torch.cat([resp, nll, count[:, None]], 1).to(args.device), "sum").cpu()
+        resp, nll, count = sums[:, :K], sums[:, K:-1], sums[:, -1]
+    load = resp.sum(0) / count.sum().clamp(min=1)  # [K] mean responsibility over every example
+    count = count.clamp(min=1)[:, None]
+    return {
+        "load": load.tolist(),
+        "routing": {name: row.tolist() for name, row in zip(names, resp / count, strict=True)},
+        "member_group_nll": {name: row.tolist() for name, row in zip(names, nll / count, strict=True)},
+    }
 
 
 def training_summary(trainer: RenyiTrainer) -> dict[str, Any]:

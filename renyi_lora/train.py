@@ -18,8 +18,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from renyi_lora import prepare
@@ -29,8 +28,8 @@ from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.io import last_complete_checkpoint
 from renyi_lora.likelihoods import IGNORE_INDEX, sequence_loglik
 from renyi_lora.objective import gaussian_prior, gradient_weights, renyi_loss, routed_loss, weighted_loglik_loss
-from renyi_lora.outputs import SavingMixin
-from renyi_lora.upkeep import MemberUpkeep
+from renyi_lora.outputs import SavingMixin, routing_summary
+from renyi_lora.upkeep import MemberUpkeep, set_weights
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +92,18 @@ class RenyiTrainer(SavingMixin, Trainer):
     @property
     def ensemble(self) -> LoraEnsemble:
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def in_alpha_warmup(self) -> bool:
+        """Whether training is still raising alpha towards ``--alpha``."""
+        N = self.args.alpha_warmup_length(self.state.max_steps)
+        return bool(N) and self.model.training and self.state.global_step < N
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.args.learn_weights and self.ensemble.num_members > 1:  # the last EM step, on the whole training set
+            set_weights(self.ensemble.mixture_weights, torch.tensor(self.routing_summary()["load"]))
+        return output
 
     @property
     def alpha(self) -> float:
@@ -311,46 +322,11 @@ class RenyiTrainer(SavingMixin, Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    @torch.no_grad()
     def routing_summary(self, dataset: Dataset | None = None) -> dict:
-        """Mean responsibility and mean NLL of each member per group over ``dataset`` (default: the training set;
-        ``"all"`` if there are no groups).
-
-        Each process scores every ``num_processes``-th example and the sums are all-reduced, so every process must
-        call this (as ``save_model`` does) and gets the same result.
-        """
-        args = self.args
-        dataset = self.train_dataset if dataset is None else dataset
-        group_names = list(getattr(dataset, "group_names", None) or self.group_names)
-        model = self.model  # unwrapped: no DDP collectives per batch
-        model.eval()
-        accelerator = self.accelerator
-        shard = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
-        loader = DataLoader(shard, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator)
-        names = group_names or ["all"]
-        K = self.ensemble.num_members
-        resp, nll, count = torch.zeros(len(names), K), torch.zeros(len(names), K), torch.zeros(len(names))
-        bar = tqdm(loader, desc="routing summary", disable=args.disable_tqdm or not self.is_world_process_zero())
-        for batch in bar:
-            group = batch.pop("group")  # [B]
-            if not group_names:
-                group = torch.zeros_like(group)
-            with torch.no_grad():
-                _, w, loglik = self.data_term(model, self._prepare_inputs(batch))
-            valid = group >= 0  # examples without a group count in no row
-            group, w, loglik = group[valid], w[:, valid].T.float().cpu(), loglik[:, valid].T.float().cpu()
-            resp.index_add_(0, group, w)
-            nll.index_add_(0, group, -loglik)
-            count.index_add_(0, group, torch.ones(len(group)))
-        self._metrics["eval"].clear()  # data_term recorded these batches as eval metrics, not an evaluation
-        if accelerator.num_processes > 1:
-            sums = accelerator.reduce(torch.cat([resp, nll, count[:, None]], 1).to(args.device), "sum").cpu()
-            resp, nll, count = sums[:, :K], sums[:, K:-1], sums[:, -1]
-        count = count.clamp(min=1)[:, None]
-        return {
-            "routing": {name: row.tolist() for name, row in zip(names, resp / count, strict=True)},
-            "member_group_nll": {name: row.tolist() for name, row in zip(names, nll / count, strict=True)},
-        }
+        """Mean responsibility and mean NLL of each member per group over ``dataset`` (default: the training set), and
+        each member's mean responsibility over all of it (``load``); see ``outputs.routing_summary``. Every process
+        must call it (the sums are all-reduced)."""
+        return routing_summary(self, self.train_dataset if dataset is None else dataset)
 
 
 RenyiSFTTrainer = RenyiTrainer  # TRL's name (``trl.SFTTrainer``) for the same trainer

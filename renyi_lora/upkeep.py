@@ -6,7 +6,9 @@ over the examples of those steps (``[K]``, summing to 1), and hands it here.
 - Learned weights (``learn_weights``): ``pi <- load``. For any alpha > 0 this is the EM update of pi for the
   alpha-Renyi data term: ``sum_b log sum_k pi_k exp(alpha L[k, b])`` is maximised over pi, with the responsibilities
   held fixed, by their mean. Groups are rarely equal in size, and pi is then what the mixture predictive, eval and
-  generate use.
+  generate use. No update during the alpha warm-up, whose routing is a transient; a last update at the end of
+  training takes the mean responsibility over the whole training set (one no-grad pass), so that the saved pi does
+  not carry one window's sampling noise.
 - Revival (``revive_threshold``): routing is ``softmax(alpha L + log pi)`` with ``L`` summed over a completion, so on
   long completions a lead of a few dozen nats, which members build on the text every example shares long before they
   differ on anything that matters, hands one member every example. The others get ``exp(-alpha * lead)`` of the
@@ -83,6 +85,12 @@ def split_weights(weights: torch.Tensor, plan: list[tuple[int, int]]) -> torch.T
     return weights / weights.sum()
 
 
+def set_weights(weights: torch.Tensor, load: torch.Tensor) -> None:
+    """The EM update ``pi <- load`` in place (``[K]``), never below ``MIN_WEIGHT``."""
+    load = load.double().clamp(min=MIN_WEIGHT)
+    weights.copy_((load / load.sum()).to(weights))
+
+
 class MemberUpkeep:
     """The trainer's side of the above: sums each member's responsibilities over the examples of the last
     ``member_update_steps`` optimizer steps (``add``), then updates pi and revives dead members (``step``).
@@ -114,8 +122,8 @@ class MemberUpkeep:
         load = (totals[:-1] / totals[-1].clamp(min=1)).cpu()  # [K]
         ensemble = trainer.ensemble
         weights = ensemble.mixture_weights
-        if args.learn_weights:
-            weights.copy_((load.clamp(min=MIN_WEIGHT) / load.clamp(min=MIN_WEIGHT).sum()).to(weights))
+        if args.learn_weights and not trainer.in_alpha_warmup:  # the warm-up's routing is a transient
+            set_weights(weights, load)
         plan = dead_members(load, args.revive_threshold) if args.revive_threshold > 0 else []
         if not plan:
             return

@@ -2,8 +2,8 @@
 learned mixture weights (issue #19: members collapse on long completions and dead members make CPU steps slow).
 
 The behavioural tests train on generated survey-like data whose completions are long and carry several decisions:
-every example answers the same six 20-character questions (about 150 target tokens) with yes/no, and each of four
-opinion types has its own answers. Everything the members must learn first is shared text, and on such text the
+every example answers the same four to six 20-character questions (100-150 target tokens) with yes/no, and each of
+four opinion types has its own answers. Everything the members must learn first is shared text, and on such text the
 member that starts fastest leads by hundreds of nats: with the alpha warm-up alone, one member takes every example by
 alpha ~ 0.3 and the other three stop learning for good (measured: shares 0 / 0 / 1 / 0, their NLL 455-506 nats
 against 49).
@@ -55,13 +55,15 @@ def test_a_member_far_behind_gets_exact_zero_gradients_in_a_real_backward_pass(t
                                                     report_to="none").ensemble_config())
     with torch.no_grad():
         for layer in ensemble.lora_layers().values():
-            layer.lora_B[1].normal_(0, 3.0)  # member 1: a far worse model of the data
+            layer.lora_B.normal_(0, 0.1)  # both members differ from the base and get gradients in A and B
     input_ids = torch.randint(5, 60, (3, 40))
     labels = input_ids.clone()
     labels[:, :5] = -100
+    target = labels != -100
     token = ensemble(input_ids, torch.ones_like(input_ids), labels=labels)  # [K, B, T]
-    loss, w = routed_loss(token, labels != -100, alpha=1.0)
-    assert w[1].max() < 1e-30
+    token = token - torch.tensor([0.0, 2.0])[:, None, None] * target  # member 1 trails by ~70 nats an example
+    loss, w, _ = routed_loss(token, target, alpha=1.0)
+    assert 0 < w[1].min() and w[1].max() < 1e-25  # negligible, yet not 0 in float32
     loss.backward()
     gradients = [p.grad for p in ensemble.lora_parameters()]
     tiny = torch.finfo(torch.float32).tiny
@@ -98,11 +100,14 @@ def test_clone_member_copies_parameters_with_relative_noise_and_the_optimizer_mo
 
 
 def survey_records(seed: int, n: int, types: int = 4, items: int = 6, noise: float = 0.1,
-                   proportions: list[float] | None = None) -> list[dict]:
-    """Respondents of ``types`` opinion types (in ``proportions``) answering the same ``items`` long questions."""
+                   proportions: list[float] | None = None, opposite: bool = False) -> list[dict]:
+    """Respondents of ``types`` opinion types (in ``proportions``) answering the same ``items`` long questions; with
+    ``opposite`` (two types) the second type answers every question the other way."""
     rng = random.Random(seed)
     questions = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(20)) for _ in range(items)]
     stances = [[rng.random() < 0.5 for _ in range(items)] for _ in range(types)]
+    if opposite:
+        stances[1] = [not stance for stance in stances[0]]
     proportions = proportions or [1 / types] * types
     records = []
     for _ in range(n):
@@ -113,7 +118,8 @@ def survey_records(seed: int, n: int, types: int = 4, items: int = 6, noise: flo
     return records
 
 
-def train_survey(tmp_path, records: list[dict], seed: int, steps: int, **flags) -> RenyiTrainer:
+def train_survey(tmp_path, records: list[dict], seed: int, steps: int, hidden_size: int = 64, **flags
+                 ) -> RenyiTrainer:
     tokenizer = make_tokenizer()
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -121,27 +127,43 @@ def train_survey(tmp_path, records: list[dict], seed: int, steps: int, **flags) 
     args = RenyiConfig(output_dir=str(tmp_path / "out"), alpha=1.0, learning_rate=3e-3, max_steps=steps, seed=seed,
                        per_device_train_batch_size=8, use_cpu=True, report_to="none", save_strategy="no",
                        disable_tqdm=True, logging_strategy="no", **flags)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=64), args.ensemble_config())
+    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=hidden_size), args.ensemble_config())
     trainer = RenyiTrainer(model=ensemble, args=args, group_names=dataset.group_names, train_dataset=dataset,
                            data_collator=SFTCollator(tokenizer.pad_token_id))
     trainer.train()
     return trainer
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_no_member_dies_on_long_multi_decision_completions_with_default_flags(tmp_path, seed):
-    """Default flags (K = 4, warm-up, revival): every member keeps a share of the data, and the shares follow the
-    opinion types (each type's owner holds most of it). Measured, seeds 0-2, 200 steps: smallest share 0.24 / 0.07 /
-    0.17 (0 / 0 / 0 without revival)."""
-    trainer = train_survey(tmp_path, survey_records(seed, 256), seed, steps=200, num_members=4)
+def member_shares(tmp_path, seed: int, **flags) -> torch.Tensor:
+    """Train K = 4 with the default flags (plus ``flags``) on four opinion types; each member's share [K]."""
+    records = survey_records(seed, 256, items=4)
+    trainer = train_survey(tmp_path, records, seed, steps=150, num_members=4, hidden_size=32, **flags)
     routing = torch.tensor(list(trainer.routing_summary()["routing"].values()))  # [G, K]
-    assert routing.mean(0).min() > 0.03, routing  # every member alive
-    assert any("revived" in entry for entry in trainer.state.log_history)  # and it was revival that kept them
+    revived = sum("revived" in entry for entry in trainer.state.log_history)
+    return routing.mean(0), revived
+
+
+def test_no_member_dies_on_long_multi_decision_completions_with_default_flags(tmp_path):
+    """Default flags (K = 4, warm-up, revival): every member keeps a share of the data, and revival is what keeps
+    them. Measured, seed 0: shares 0.11 / 0.33 / 0.21 / 0.36 after 8 revivals; with --revive_threshold 0 the shares
+    are 0 / 0 / 1 / 0 (and seed 1: 0.44 / 0.31 / 0.03 / 0.22)."""
+    shares, revived = member_shares(tmp_path, 0)
+    assert shares.min() > 0.02 and revived > 0, (shares, revived)  # twice the revival threshold
+
+
+@pytest.mark.slow
+def test_no_member_is_dead_at_the_end_over_seeds(tmp_path):
+    """Seeds 1-4: no member ends below the revival threshold (0.01) over the whole training set."""
+    for seed in range(1, 5):
+        shares, _ = member_shares(tmp_path / str(seed), seed)
+        assert shares.min() > 0.01, (seed, shares)
 
 
 def test_learned_weights_recover_group_proportions(tmp_path):
-    """Two opinion types in proportion 0.75 / 0.25: with --learn_weights pi ends within 0.05 of them."""
-    records = survey_records(3, 256, types=2, noise=0.05, proportions=[0.75, 0.25])
-    trainer = train_survey(tmp_path, records, 3, steps=150, num_members=2, learn_weights=True)
+    """Two opinion types in proportion 3:1: with --learn_weights pi ends within 0.05 of the data's proportions
+    (measured: 0.762 / 0.238, each type's owner holding 0.986 and 1.000 of it)."""
+    records = survey_records(3, 256, types=2, noise=0.02, proportions=[0.75, 0.25], opposite=True)
+    share = sum(r["group"] == "type0" for r in records) / len(records)
+    trainer = train_survey(tmp_path, records, 3, steps=128, num_members=2, learn_weights=True, member_update_steps=32)
     pi = sorted(trainer.ensemble.mixture_weights.tolist())
-    assert pi == pytest.approx([0.25, 0.75], abs=0.05), pi
+    assert pi == pytest.approx(sorted([share, 1 - share]), abs=0.05), (pi, share)
