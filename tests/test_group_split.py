@@ -24,16 +24,11 @@ cores); all ten seeds run behind ``-m slow`` (about 5 min).
 from __future__ import annotations
 
 import itertools
-import json
 import random
 
 import pytest
 import torch
-from conftest import answer_records, make_llama, make_tokenizer
-
-from renyi_lora.data import SFTCollator, load_sft_dataset
-from renyi_lora.ensemble import LoraEnsemble
-from renyi_lora.train import RenyiConfig, RenyiTrainer
+from conftest import answer_records, make_trainer
 
 NUM_QUESTIONS, REPEATS, STEPS, HELD_OUT = 10, 6, 600, 40
 # (number of groups, answers per example): the settings the default is asserted on.
@@ -65,23 +60,13 @@ def split_records(seed: int, groups: int, answers: int) -> tuple[list[dict], lis
 def held_out_routing(tmp_path, seed: int, groups: int, answers: int, **flags) -> torch.Tensor:
     """Train with the default flags (plus ``flags``); the group x member mean responsibility on held-out rows [G, K]."""
     train, held_out = split_records(seed, groups, answers)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer()
-    datasets = []
-    for name, records in (("train", train), ("held_out", held_out)):
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        datasets.append(load_sft_dataset(path, tokenizer, max_length=64))
-    train_set, held_out_set = datasets
-    # What a user must give: model, data, K, alpha, learning rate, steps. The rest only keeps the test quiet.
-    args = RenyiConfig(output_dir=str(tmp_path / "out"), num_members=groups, alpha=1.0, learning_rate=3e-3,
-                       max_steps=STEPS, seed=seed, use_cpu=True, report_to="none", save_strategy="no",
-                       disable_tqdm=True, logging_strategy="no", **flags)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=128), args.ensemble_config())
-    trainer = RenyiTrainer(model=ensemble, args=args, group_names=train_set.group_names, train_dataset=train_set,
-                           data_collator=SFTCollator(tokenizer.pad_token_id))
-    trainer.train()
-    routing = trainer.routing_summary(held_out_set)["routing"]  # at the target alpha
+    # What a user must give: model, data, K, alpha, learning rate, steps; the rest is RenyiConfig's default
+    # (``conftest.make_trainer`` only keeps the run quiet and on the CPU).
+    run = make_trainer(tmp_path, train, max_length=64, model_seed=seed, hidden_size=128, num_members=groups,
+                       alpha=1.0, learning_rate=3e-3, max_steps=STEPS, seed=seed, logging_strategy="no", **flags)
+    held_out_set = run.load(held_out, "held_out.jsonl")
+    run.trainer.train()
+    routing = run.trainer.routing_summary(held_out_set)["routing"]  # at the target alpha
     return torch.tensor(list(routing.values()))  # [G, K]
 
 
