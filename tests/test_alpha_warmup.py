@@ -3,8 +3,10 @@
 Behaviour: four groups built from two conventions (answer words A or B, lower or upper case), every prompt in all
 four, four answers per example, K = 4, alpha = 1, 300 steps. Case is decided once per example in practice (after
 the first letter the rest follows), so early on a member can win two groups at once and another none. Measured on
-this machine: without warm-up 0 of 3 seeds end with one member per group (seed 1 uses two members only); with
-alpha raised over the first 120 steps 3 of 3 do (60 steps: 2 of 3).
+this machine, seeds 0-4: without warm-up 0 of 5 end with one member per group (in each, a member owns two groups;
+seed 1 uses two members only); with alpha raised over the first 120 steps 5 of 5 do (60 steps: 2 of seeds 0-2).
+The default suite trains seeds 0-2 with the warm-up; the comparison with no warm-up over seeds 0-4 runs behind
+``-m slow``.
 """
 
 from __future__ import annotations
@@ -116,13 +118,39 @@ def group_owners(tmp_path, seed: int, warmup: int) -> tuple[list[int], list[floa
     return routing.argmax(1).tolist(), routing.max(1).values.tolist()
 
 
+@pytest.fixture(scope="module")
+def owners_of(tmp_path_factory):
+    """``group_owners`` trained once per (seed, warm-up) in this module: the slow rate reuses the default runs."""
+    runs = {}
+
+    def owners(seed: int, warmup: int) -> tuple[list[int], list[float]]:
+        if (seed, warmup) not in runs:
+            runs[seed, warmup] = group_owners(tmp_path_factory.mktemp(f"seed{seed}-warmup{warmup}"), seed, warmup)
+        return runs[seed, warmup]
+
+    return owners
+
+
+def one_member_per_group(owners: list[int], sharpness: list[float]) -> bool:
+    """A permutation (no member owns two groups, none is unused), each group routed sharply to its owner."""
+    return sorted(owners) == [0, 1, 2, 3] and min(sharpness) > 0.9
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_warmup_gives_every_group_its_own_member(tmp_path, seed):
-    owners, sharpness = group_owners(tmp_path, seed, warmup=120)
+def test_warmup_gives_every_group_its_own_member(owners_of, seed):
+    owners, sharpness = owners_of(seed, 120)
     assert sorted(owners) == [0, 1, 2, 3], owners  # a permutation: no member owns two groups, none is unused
     assert min(sharpness) > 0.9, sharpness
 
 
-def test_without_warmup_a_member_can_take_two_groups(tmp_path):
-    owners, _ = group_owners(tmp_path, seed=1, warmup=0)
-    assert len(set(owners)) < 4, owners  # the failure the warm-up exists for (measured: 2 distinct owners)
+@pytest.mark.slow
+def test_warmup_gives_one_member_per_group_in_more_seeds_than_none(owners_of):
+    """The failure the warm-up exists for, as a rate over seeds 0-4 rather than one seed's fate (a change in the
+    random stream flips single seeds). Measured: with the warm-up 5 of 5 seeds give one member per group, without it
+    0 of 5 (in each, one member owns two groups)."""
+    with_warmup = [one_member_per_group(*owners_of(seed, 120)) for seed in range(5)]
+    without = [one_member_per_group(*owners_of(seed, 0)) for seed in range(5)]
+    assert sum(with_warmup) >= 4, with_warmup
+    assert sum(without) < sum(with_warmup), (
+        f"without warm-up {sum(without)} of 5 seeds split as often as with it: the limit that docs/specialisation.md "
+        "gives as the warm-up's reason is gone; update the page (and this test)")

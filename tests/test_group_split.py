@@ -13,12 +13,13 @@ Measured on this machine, seeds 0-9 (docs/specialisation.md has the other data s
 - two groups, two answers per example: the default (alpha raised over the first half of training) splits 9 of 10
   seeds (seed 0 ends split by example: each member owns half of every group's training rows);
 - four groups, three answers per example: the default splits 9 of 10 (seed 2: two members share a group), without
-  warm-up 1 of 5 (a member takes two groups);
+  warm-up 1 of 5 (seed 2 the one; in the others a member takes two groups);
 - four groups with two answers per example split in only 6 of 10 even with the warm-up: not asserted here, and
   documented as a case where a split cannot be expected.
 
-The default suite trains seeds 1 and 3 of each setting and the failure without warm-up (about 75 s on two busy
-cores); all ten seeds run behind ``-m slow`` (about 5 min).
+The default suite trains seeds 1 and 3 of each setting (four runs). Behind ``-m slow``: all ten seeds of each
+setting (about 5 min), and the four-group setting without warm-up over seeds 0-4, where fewer seeds must split than
+with the default (measured: 1 of 5 against 4 of 5).
 """
 
 from __future__ import annotations
@@ -76,22 +77,42 @@ def splits_by_group(routing: torch.Tensor) -> bool:
     return len(set(owners.tolist())) == len(owners) and routing.max(1).values.mean().item() > 0.9
 
 
+@pytest.fixture(scope="module")
+def routing_of(tmp_path_factory):
+    """``held_out_routing`` trained once per (seed, setting, warm-up flag) in this module: the slow tests share runs."""
+    runs = {}
+
+    def routing(seed: int, setting: str, **flags) -> torch.Tensor:
+        key = (seed, setting, tuple(sorted(flags.items())))
+        if key not in runs:
+            runs[key] = held_out_routing(tmp_path_factory.mktemp("run"), seed, *SETTINGS[setting], **flags)
+        return runs[key]
+
+    return routing
+
+
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("seed", [1, 3])
-def test_default_flags_split_by_group_on_held_out_combinations(tmp_path, one_thread, setting, seed):
-    routing = held_out_routing(tmp_path, seed, *SETTINGS[setting])
+def test_default_flags_split_by_group_on_held_out_combinations(routing_of, one_thread, setting, seed):
+    routing = routing_of(seed, setting)
     assert splits_by_group(routing), routing
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_default_flags_split_by_group_in_nine_of_ten_seeds(tmp_path, one_thread, setting):
-    routings = [held_out_routing(tmp_path / str(seed), seed, *SETTINGS[setting]) for seed in range(10)]
+def test_default_flags_split_by_group_in_nine_of_ten_seeds(routing_of, one_thread, setting):
+    routings = [routing_of(seed, setting) for seed in range(10)]
     assert sum(map(splits_by_group, routings)) >= 9, routings
 
 
-def test_without_warmup_four_groups_do_not_split(tmp_path, one_thread):
-    """Why the default exists: with alpha = 1 from the first step, routing sharpens on the members' early random
-    differences and a member ends up with two groups (measured: 1 of 5 seeds split)."""
-    routing = held_out_routing(tmp_path, 0, *SETTINGS["four groups"], alpha_warmup_steps=0)
-    assert not splits_by_group(routing), routing
+@pytest.mark.slow
+def test_without_warmup_four_groups_split_in_fewer_seeds(routing_of, one_thread):
+    """Why the default exists, as a rate over seeds 0-4 rather than one seed's fate: with alpha = 1 from the first
+    step, routing sharpens on the members' early random differences and a member often ends up with two groups.
+    Measured: without warm-up 1 of 5 seeds split (seed 2), with the default 4 of 5 (all but seed 2, from the ten
+    seeds above)."""
+    default = [splits_by_group(routing_of(seed, "four groups")) for seed in range(5)]
+    without = [splits_by_group(routing_of(seed, "four groups", alpha_warmup_steps=0)) for seed in range(5)]
+    assert sum(without) < sum(default), (
+        f"without warm-up {sum(without)} of 5 seeds split, with it {sum(default)}: the limit that "
+        "docs/specialisation.md gives as the default's reason is gone; update the page (and this test)")
