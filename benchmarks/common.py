@@ -47,7 +47,7 @@ QV = ["q_proj", "v_proj"]
 ALL_LINEAR = ["all-linear"]
 PEFT_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # "tiny": the test suite's random Llama (tests/conftest.py make_llama: hidden 32, 2 layers); "small": 4x wider with a
-# 1000-token vocabulary, where a step is already compute-bound on 2 cores (see README, "Benchmarks").
+# 1000-token vocabulary, where a step is already compute-bound on 2 cores (see benchmarks/README.md).
 RANDOM_CONFIGS = {
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
              "intermediate_size": 64, "vocab_size": 128},

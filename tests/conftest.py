@@ -24,14 +24,21 @@ Where each module's tests live (module in ``renyi_lora/``: files in ``tests/``):
 - the method's behaviour: test_specialisation, test_group_split (slow seeds), test_alpha_warmup, test_preference
 - the package's shape: test_structure (import circles, wings, sizes)
 - benchmarks/quality: test_quality_data, test_quality_benchmark, test_survey (the survey task)
+- the documentation: test_docs_links (relative links and anchors resolve, the README's length and paths)
+
+``make_trainer`` (and its fixture ``tiny_trainer``) builds what the trainer tests train: records written and
+tokenised, a tiny random Llama wrapped in K LoRA members, and a ``RenyiTrainer`` or ``RenyiDPOTrainer`` on them.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import string
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +48,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from renyi_lora.data import SFTCollator, TokenizedDataset, load_sft_dataset  # noqa: E402
+from renyi_lora.ensemble import LoraEnsemble  # noqa: E402
+from renyi_lora.preference import DPOConfig, RenyiDPOTrainer  # noqa: E402
+from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset  # noqa: E402
+from renyi_lora.train import RenyiConfig, RenyiTrainer  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -100,6 +113,82 @@ def model_dir(tmp_path_factory):
     make_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# The settings every trainer test shares: CPU, no reporting, no checkpoints, no progress bar.
+QUIET = {"use_cpu": True, "report_to": "none", "save_strategy": "no", "disable_tqdm": True}
+
+
+@dataclass
+class TinyRun:
+    """A trainer built by ``make_trainer``, with the data it trains on."""
+
+    trainer: RenyiTrainer
+    dataset: TokenizedDataset
+    collator: Callable[[list[dict]], dict]
+    tokenizer: PreTrainedTokenizerFast
+    path: Path
+    max_length: int
+    preference: bool
+
+    @property
+    def ensemble(self) -> LoraEnsemble:
+        return self.trainer.ensemble
+
+    def batch(self) -> dict:
+        """Every training example in one collated batch (with its ``group`` row)."""
+        return self.collator(self.dataset.examples)
+
+    def load(self, records: list[dict], name: str) -> TokenizedDataset:
+        """More records (e.g. held-out ones) written to ``path / name`` and tokenised like the training data."""
+        return write_and_load(self.path / name, records, self.tokenizer, self.max_length, self.preference)
+
+
+def write_and_load(path: Path, records: list[dict], tokenizer, max_length: int, preference: bool) -> TokenizedDataset:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return (load_preference_dataset if preference else load_sft_dataset)(path, tokenizer, max_length)
+
+
+def make_trainer(path: Path, records: list[dict], *, preference: bool = False, max_length: int = 32,
+                 model_seed: int = 0, hidden_size: int = 32, lora_b_std: float | None = None,
+                 setup: Callable[[LoraEnsemble], dict | None] | None = None, pass_tokenizer: bool = False,
+                 **settings) -> TinyRun:
+    """A ``RenyiTrainer`` (``RenyiDPOTrainer`` with ``preference``) on a tiny random Llama, built the way the
+    trainer tests build one, in this order: ``records`` written to ``path / "train.jsonl"`` and tokenised
+    (``max_length``); the config, ``RenyiConfig`` / ``DPOConfig`` of ``QUIET`` plus ``settings`` (the members'
+    shape too: ``num_members``, ``rank``, ``init_seed``, ... ; ``output_dir`` defaults to ``path / "out"``); the
+    model ``make_llama(seed=model_seed, hidden_size=hidden_size)`` wrapped in ``LoraEnsemble(model,
+    config.ensemble_config())``. ``lora_b_std``: every member's ``lora_B`` drawn as N(0, lora_b_std^2), each layer
+    from a generator seeded 0, so that members differ from the start and the routing is not uniform. ``setup``
+    runs on the ensemble before the trainer is built (tie parameters, hooks, a dtype); a dict it returns is passed
+    to the trainer as keyword arguments (e.g. ``callbacks`` that hook the ensemble). ``pass_tokenizer`` gives the
+    trainer the tokenizer as its ``processing_class`` (checkpoints then hold it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer()
+    dataset = write_and_load(path / "train.jsonl", records, tokenizer, max_length, preference)
+    config = (DPOConfig if preference else RenyiConfig)(**{"output_dir": str(path / "out"), **QUIET, **settings})
+    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=model_seed, hidden_size=hidden_size),
+                            config.ensemble_config())
+    if lora_b_std is not None:
+        with torch.no_grad():
+            for layer in ensemble.lora_layers().values():
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(0))
+                                   * lora_b_std)
+    extra = setup(ensemble) if setup is not None else None
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"make_trainer: setup returned a {type(extra).__name__}; return None or a dict of the "
+                        "trainer's keyword arguments")
+    collator = (PreferenceCollator if preference else SFTCollator)(tokenizer.pad_token_id)
+    trainer = (RenyiDPOTrainer if preference else RenyiTrainer)(
+        model=ensemble, args=config, group_names=dataset.group_names, train_dataset=dataset, data_collator=collator,
+        processing_class=tokenizer if pass_tokenizer else None, **(extra or {}))
+    return TinyRun(trainer, dataset, collator, tokenizer, path, max_length, preference)
+
+
+@pytest.fixture
+def tiny_trainer(tmp_path) -> Callable[..., TinyRun]:
+    """``make_trainer`` in the test's ``tmp_path``: ``tiny_trainer(records, **options)``."""
+    return lambda records, **options: make_trainer(tmp_path, records, **options)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,46 +3,31 @@
 Behaviour: four groups built from two conventions (answer words A or B, lower or upper case), every prompt in all
 four, four answers per example, K = 4, alpha = 1, 300 steps. Case is decided once per example in practice (after
 the first letter the rest follows), so early on a member can win two groups at once and another none. Measured on
-this machine: without warm-up 0 of 3 seeds end with one member per group (seed 1 uses two members only); with
-alpha raised over the first 120 steps 3 of 3 do (60 steps: 2 of 3).
+this machine, seeds 0-4: without warm-up 0 of 5 end with one member per group (in each, a member owns two groups;
+seed 1 uses two members only); with alpha raised over the first 120 steps 5 of 5 do (60 steps: 2 of seeds 0-2).
+The default suite trains seeds 0-2 with the warm-up; the comparison with no warm-up over seeds 0-4 runs behind
+``-m slow``.
 """
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import answer_records, make_llama, make_tokenizer
+from conftest import answer_records, make_trainer
 from transformers import HfArgumentParser
 
-from renyi_lora.data import SFTCollator, load_sft_dataset
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.preference import DPOConfig
-from renyi_lora.train import RenyiConfig, RenyiTrainer
+from renyi_lora.train import RenyiConfig
 
 RECORDS = [{"prompt": f"q{i}:", "completion": f" a{i % 3}b", "group": f"g{i % 2}"} for i in range(8)]
+# Three members on conftest's tiny Llama (seed 1) whose lora_B start random, so that the routing is not uniform at
+# alpha > 0 (``tiny_trainer``).
+SETTINGS = {"model_seed": 1, "num_members": 3, "init_seed": 0, "lora_b_std": 1.0, "max_steps": 4}
 
 
-def make_trainer(tmp_path, **settings) -> tuple[RenyiTrainer, dict]:
-    tokenizer = make_tokenizer()
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    dataset = load_sft_dataset(path, tokenizer, 32)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=1), EnsembleConfig(num_members=3))
-    with torch.no_grad():  # members that differ, so that the routing is not uniform at alpha > 0
-        for layer in ensemble.lora_layers().values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(0)))
-    config = RenyiConfig(output_dir=str(tmp_path / "out"), num_members=3, use_cpu=True, report_to="none",
-                         max_steps=4, save_strategy="no", **settings)
-    collator = SFTCollator(tokenizer.pad_token_id)
-    trainer = RenyiTrainer(model=ensemble, args=config, group_names=dataset.group_names, train_dataset=dataset,
-                           data_collator=collator)
-    return trainer, collator(dataset.examples)
-
-
-def test_alpha_ramps_from_zero_and_evaluation_uses_the_target(tmp_path):
-    trainer, batch = make_trainer(tmp_path, alpha=4.0, alpha_warmup_steps=8)
+def test_alpha_ramps_from_zero_and_evaluation_uses_the_target(tiny_trainer):
+    run = tiny_trainer(RECORDS, **SETTINGS, alpha=4.0, alpha_warmup_steps=8)
+    trainer, batch = run.trainer, run.batch()
     trainer.model.train()
     seen = []
     for step in (0, 2, 8, 20):
@@ -59,15 +44,16 @@ def test_alpha_ramps_from_zero_and_evaluation_uses_the_target(tmp_path):
     assert w.max() > 0.9  # the sharp target routing, not the ramp's uniform one
 
 
-def test_without_warmup_alpha_is_constant(tmp_path):
-    trainer, _ = make_trainer(tmp_path, alpha=2.0)
+def test_without_warmup_alpha_is_constant(tiny_trainer):
+    trainer = tiny_trainer(RECORDS, **SETTINGS, alpha=2.0).trainer
     trainer.model.train()
     assert trainer.alpha == 2.0
 
 
-def test_warmup_to_winner_take_all_reaches_one_halfway_and_inf_at_the_end(tmp_path):
+def test_warmup_to_winner_take_all_reaches_one_halfway_and_inf_at_the_end(tiny_trainer):
     # alpha = s / (N - s): alpha / (1 + alpha) rises linearly, so the ramp spends its first half below the mixture.
-    trainer, batch = make_trainer(tmp_path, alpha=float("inf"), alpha_warmup_steps=8)
+    run = tiny_trainer(RECORDS, **SETTINGS, alpha=float("inf"), alpha_warmup_steps=8)
+    trainer, batch = run.trainer, run.batch()
     trainer.model.train()
     seen = []
     for step in (0, 2, 4, 6, 7, 8, 20):
@@ -85,8 +71,8 @@ def test_bad_warmup_is_refused():
         RenyiConfig(output_dir="x", alpha_warmup_steps=-1)
 
 
-def test_default_warmup_ramps_over_half_of_training(tmp_path):
-    trainer, _ = make_trainer(tmp_path, alpha=1.0)  # the default --alpha_warmup_ratio 0.5
+def test_default_warmup_ramps_over_half_of_training(tiny_trainer):
+    trainer = tiny_trainer(RECORDS, **SETTINGS, alpha=1.0).trainer  # the default --alpha_warmup_ratio 0.5
     trainer.model.train()
     trainer.state.max_steps = 10  # as Trainer.train sets it: the ratio is of the run's length
     seen = []
@@ -122,32 +108,49 @@ def factorial_records(seed: int) -> list[dict]:
 
 def group_owners(tmp_path, seed: int, warmup: int) -> tuple[list[int], list[float]]:
     """Train K = 4 at alpha = 1; each group's owning member and its mean responsibility."""
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in factorial_records(seed)))
-    tokenizer = make_tokenizer()
-    dataset = load_sft_dataset(path, tokenizer, max_length=64)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=128),
-                            EnsembleConfig(num_members=4, rank=8, lora_alpha=16, init_seed=seed))
-    args = RenyiConfig(
-        output_dir=str(tmp_path / "out"), alpha=1.0, alpha_warmup_steps=warmup, num_members=4, max_steps=300,
-        learning_rate=3e-3, lr_scheduler_type="constant", per_device_train_batch_size=16,
-        per_device_eval_batch_size=64, seed=seed, save_strategy="no", report_to="none", disable_tqdm=True,
-        logging_steps=10_000, use_cpu=True,
-    )
-    trainer = RenyiTrainer(model=ensemble, args=args, group_names=dataset.group_names, train_dataset=dataset,
-                           data_collator=SFTCollator(tokenizer.pad_token_id))
-    trainer.train()
-    routing = torch.tensor([trainer.routing_summary(dataset)["routing"][g] for g in "ABCD"])
+    run = make_trainer(tmp_path, factorial_records(seed), max_length=64, model_seed=seed, hidden_size=128,
+                       num_members=4, rank=8, lora_alpha=16, init_seed=seed, alpha=1.0, alpha_warmup_steps=warmup,
+                       max_steps=300, learning_rate=3e-3, lr_scheduler_type="constant",
+                       per_device_train_batch_size=16, per_device_eval_batch_size=64, seed=seed,
+                       logging_steps=10_000)
+    run.trainer.train()
+    routing = torch.tensor([run.trainer.routing_summary(run.dataset)["routing"][g] for g in "ABCD"])
     return routing.argmax(1).tolist(), routing.max(1).values.tolist()
 
 
+@pytest.fixture(scope="module")
+def owners_of(tmp_path_factory):
+    """``group_owners`` trained once per (seed, warm-up) in this module: the slow rate reuses the default runs."""
+    runs = {}
+
+    def owners(seed: int, warmup: int) -> tuple[list[int], list[float]]:
+        if (seed, warmup) not in runs:
+            runs[seed, warmup] = group_owners(tmp_path_factory.mktemp(f"seed{seed}-warmup{warmup}"), seed, warmup)
+        return runs[seed, warmup]
+
+    return owners
+
+
+def one_member_per_group(owners: list[int], sharpness: list[float]) -> bool:
+    """A permutation (no member owns two groups, none is unused), each group routed sharply to its owner."""
+    return sorted(owners) == [0, 1, 2, 3] and min(sharpness) > 0.9
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_warmup_gives_every_group_its_own_member(tmp_path, seed):
-    owners, sharpness = group_owners(tmp_path, seed, warmup=120)
+def test_warmup_gives_every_group_its_own_member(owners_of, seed):
+    owners, sharpness = owners_of(seed, 120)
     assert sorted(owners) == [0, 1, 2, 3], owners  # a permutation: no member owns two groups, none is unused
     assert min(sharpness) > 0.9, sharpness
 
 
-def test_without_warmup_a_member_can_take_two_groups(tmp_path):
-    owners, _ = group_owners(tmp_path, seed=1, warmup=0)
-    assert len(set(owners)) < 4, owners  # the failure the warm-up exists for (measured: 2 distinct owners)
+@pytest.mark.slow
+def test_warmup_gives_one_member_per_group_in_more_seeds_than_none(owners_of):
+    """The failure the warm-up exists for, as a rate over seeds 0-4 rather than one seed's fate (a change in the
+    random stream flips single seeds). Measured: with the warm-up 5 of 5 seeds give one member per group, without it
+    0 of 5 (in each, one member owns two groups)."""
+    with_warmup = [one_member_per_group(*owners_of(seed, 120)) for seed in range(5)]
+    without = [one_member_per_group(*owners_of(seed, 0)) for seed in range(5)]
+    assert sum(with_warmup) >= 4, with_warmup
+    assert sum(without) < sum(with_warmup), (
+        f"without warm-up {sum(without)} of 5 seeds split as often as with it: the limit that docs/specialisation.md "
+        "gives as the warm-up's reason is gone; update the page (and this test)")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import make_llama, make_tokenizer, make_trainer
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
@@ -268,17 +268,16 @@ class Snapshots(TrainerCallback):
 
 
 def poisoned_trainer(tmp_path, member: int, step: int, where: str, **overrides):
-    tokenizer = make_tokenizer()
-    dataset = load_sft_dataset(write_jsonl(tmp_path / "train.jsonl", SFT_RECORDS), tokenizer, 64)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer)), EnsembleConfig(num_members=2, rank=4))
-    args = RenyiConfig(output_dir=str(tmp_path / "out"), num_members=2, rank=4, per_device_train_batch_size=4,
-                       max_steps=5, learning_rate=1e-3, save_strategy="steps", save_steps=2, logging_steps=1,
-                       report_to="none", disable_tqdm=True, use_cpu=True, **overrides)
-    snapshots = Snapshots(ensemble)
-    trainer = RenyiTrainer(model=ensemble, args=args, group_names=dataset.group_names, train_dataset=dataset,
-                           data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                           callbacks=[Poison(ensemble, member, step, where), snapshots])
-    return trainer, dataset, snapshots
+    snapshots = []
+
+    def poison(ensemble: LoraEnsemble) -> dict:
+        snapshots.append(Snapshots(ensemble))
+        return {"callbacks": [Poison(ensemble, member, step, where), snapshots[0]]}
+
+    run = make_trainer(tmp_path, SFT_RECORDS, max_length=64, setup=poison, pass_tokenizer=True, num_members=2,
+                       rank=4, init_seed=0, per_device_train_batch_size=4, max_steps=5, learning_rate=1e-3,
+                       save_strategy="steps", save_steps=2, logging_steps=1, **overrides)
+    return run.trainer, run.dataset, snapshots[0]
 
 
 def test_nonfinite_loglik_stops_naming_step_and_member_and_keeps_the_checkpoint(tmp_path):

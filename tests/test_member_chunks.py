@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import make_trainer
 
-from renyi_lora.data import SFTCollator, load_sft_dataset
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.preference import DPOConfig, RenyiDPOTrainer
-from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
-from renyi_lora.train import RenyiConfig, RenyiTrainer
+from renyi_lora.train import RenyiConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,28 +15,13 @@ PREFERENCES = [{"prompt": f"q{i}:", "chosen": f" yes{i}", "rejected": f" NO{i % 
 
 
 def step_gradients(tmp_path, preference: bool, chunk: int | None, alpha: float):
-    tokenizer = make_tokenizer()
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in (PREFERENCES if preference else SFT)))
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=1), EnsembleConfig(num_members=4, layers_to_transform=[1]))
-    with torch.no_grad():
-        for layer in ensemble.lora_layers().values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
-    settings = dict(output_dir=str(tmp_path / "out"), num_members=4, alpha=alpha, member_chunk_size=chunk,
-                    use_cpu=True, report_to="none", prior_weight=1e-2)
-    if preference:
-        dataset = load_preference_dataset(path, tokenizer, 32)
-        collator = PreferenceCollator(tokenizer.pad_token_id)
-        trainer = RenyiDPOTrainer(model=ensemble, args=DPOConfig(**settings), train_dataset=dataset,
-                                  data_collator=collator)
-    else:
-        dataset = load_sft_dataset(path, tokenizer, 32)
-        collator = SFTCollator(tokenizer.pad_token_id)
-        trainer = RenyiTrainer(model=ensemble, args=RenyiConfig(**settings), group_names=dataset.group_names,
-                               train_dataset=dataset, data_collator=collator)
-    trainer.current_gradient_accumulation_steps = 1
-    loss = trainer.training_step(trainer.model, collator(dataset.examples))
-    return loss, [p.grad.clone() for p in ensemble.lora_parameters()]
+    """One training step of K = 4 members on layer 1 (``conftest.make_trainer``); the loss and the gradients."""
+    run = make_trainer(tmp_path, PREFERENCES if preference else SFT, preference=preference, model_seed=1,
+                       lora_b_std=0.3, num_members=4, layers_to_transform=[1], init_seed=0, alpha=alpha,
+                       member_chunk_size=chunk, prior_weight=1e-2)
+    run.trainer.current_gradient_accumulation_steps = 1
+    loss = run.trainer.training_step(run.trainer.model, run.batch())
+    return loss, [p.grad.clone() for p in run.ensemble.lora_parameters()]
 
 
 @pytest.mark.parametrize("preference", [False, True])
@@ -66,18 +45,16 @@ def test_chunks_need_sequence_routing():
 def trained_adapters(tmp_path, checkpointing: bool, chunk: int | None, dtype: torch.dtype = torch.float32,
                      **settings) -> list[torch.Tensor]:
     """Two optimizer steps through ``trainer.train()``, the path the CLI's flags take."""
-    tokenizer = make_tokenizer()
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in SFT))
-    dataset = load_sft_dataset(path, tokenizer, 32)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=1), EnsembleConfig(num_members=4, init_seed=2)).to(dtype)
-    config = RenyiConfig(output_dir=str(tmp_path / f"out-{checkpointing}-{chunk}-{len(settings)}"), num_members=4,
-                         alpha=1.0, member_chunk_size=chunk, gradient_checkpointing=checkpointing, max_steps=2,
-                         per_device_train_batch_size=3, learning_rate=1e-2, use_cpu=True, report_to="none",
-                         save_strategy="no", disable_tqdm=True, seed=0, **settings)
-    RenyiTrainer(model=ensemble, args=config, train_dataset=dataset,
-                 data_collator=SFTCollator(tokenizer.pad_token_id)).train()
-    return [p.detach().clone() for p in ensemble.lora_parameters()]
+
+    def cast(ensemble) -> None:
+        ensemble.to(dtype)
+
+    run = make_trainer(tmp_path, SFT, model_seed=1, setup=cast, num_members=4, init_seed=2,
+                       output_dir=str(tmp_path / f"out-{checkpointing}-{chunk}-{len(settings)}"), alpha=1.0,
+                       member_chunk_size=chunk, gradient_checkpointing=checkpointing, max_steps=2,
+                       per_device_train_batch_size=3, learning_rate=1e-2, seed=0, **settings)
+    run.trainer.train()
+    return [p.detach().clone() for p in run.ensemble.lora_parameters()]
 
 
 @pytest.mark.parametrize("chunk", [None, 2])

@@ -3,18 +3,14 @@ take opposite sides of a rule-based conflict at alpha > 1 (docs/specialisation.m
 
 from __future__ import annotations
 
-import copy
-import json
 import random
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import make_llama, make_trainer
 from torch.nn import functional as F
 
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.preference import DPOConfig, RenyiDPOTrainer, preference_loglik
-from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
+from renyi_lora.preference import preference_loglik
 
 
 def case_records(seed: int, repeats: int, num_prompts: int = 24) -> list[dict]:
@@ -35,20 +31,10 @@ def case_records(seed: int, repeats: int, num_prompts: int = 24) -> list[dict]:
     return records
 
 
-def write(tmp_path, name, records):
-    path = tmp_path / name
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def dpo_trainer(tmp_path, dataset, ensemble, tokenizer, **overrides) -> RenyiDPOTrainer:
-    settings = dict(output_dir=str(tmp_path / "out"), num_members=ensemble.num_members, learning_rate=3e-3,
-                    lr_scheduler_type="constant", per_device_train_batch_size=16, per_device_eval_batch_size=64,
-                    save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000, use_cpu=True,
-                    prior_weight=0.0, beta=0.5)
-    settings.update(overrides)
-    return RenyiDPOTrainer(model=ensemble, args=DPOConfig(**settings), group_names=dataset.group_names,
-                           train_dataset=dataset, data_collator=PreferenceCollator(tokenizer.pad_token_id))
+# The DPO runs of this file (``tiny_trainer`` / ``conftest.make_trainer`` with ``preference=True``).
+DPO = {"preference": True, "max_length": 64, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
+       "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64, "logging_steps": 10_000,
+       "prior_weight": 0.0, "beta": 0.5}
 
 
 def full_logps(model_logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -58,17 +44,18 @@ def full_logps(model_logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return (logp * (labels != -100)).sum(-1)
 
 
-def test_k1_loss_is_sigmoid_dpo(tmp_path):
-    tokenizer = make_tokenizer()
-    dataset = load_preference_dataset(write(tmp_path, "p.jsonl", case_records(0, 1)[:6]), tokenizer, 64)
-    base = make_llama(len(tokenizer))
-    pristine = copy.deepcopy(base)
-    ensemble = LoraEnsemble(base, EnsembleConfig(num_members=1))
+def draw_lora_b(ensemble) -> None:
     with torch.no_grad():
         for layer in ensemble.lora_layers().values():
             layer.lora_B.normal_(std=0.2)
-    trainer = dpo_trainer(tmp_path, dataset, ensemble, tokenizer, alpha=1.0, beta=0.3, num_members=1)
-    batch = PreferenceCollator(tokenizer.pad_token_id)(dataset.examples)
+
+
+def test_k1_loss_is_sigmoid_dpo(tiny_trainer):
+    run = tiny_trainer(case_records(0, 1)[:6], **DPO | {"beta": 0.3}, setup=draw_lora_b, num_members=1, init_seed=0,
+                       alpha=1.0)
+    trainer, ensemble, dataset = run.trainer, run.ensemble, run.dataset
+    pristine = make_llama(len(run.tokenizer))  # the base model as the ensemble wraps it (seed 0)
+    batch = run.batch()
     batch.pop("group")
     with torch.no_grad():
         loss, _, _ = trainer.data_term(ensemble, batch)
@@ -88,28 +75,26 @@ def test_preference_loglik_by_hand():
 
 
 @pytest.mark.parametrize("num_members", [1, 3])
-def test_reference_forward_runs_once_per_step(tmp_path, num_members):
-    tokenizer = make_tokenizer()
-    dataset = load_preference_dataset(write(tmp_path, "p.jsonl", case_records(0, 1)), tokenizer, 64)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer)), EnsembleConfig(num_members=num_members))
+def test_reference_forward_runs_once_per_step(tiny_trainer, num_members):
     rows = []
-    ensemble.model.base_model.register_forward_hook(lambda module, args, kwargs, out: rows.append(
-        (kwargs["input_ids"].shape[0], ensemble.is_disabled)), with_kwargs=True)
-    trainer = dpo_trainer(tmp_path, dataset, ensemble, tokenizer, alpha=1.0, max_steps=3,
-                          per_device_train_batch_size=4)
+
+    def count_rows(ensemble) -> None:
+        ensemble.model.base_model.register_forward_hook(lambda module, args, kwargs, out: rows.append(
+            (kwargs["input_ids"].shape[0], ensemble.is_disabled)), with_kwargs=True)
+
+    trainer = tiny_trainer(case_records(0, 1), **DPO | {"per_device_train_batch_size": 4}, setup=count_rows,
+                           num_members=num_members, init_seed=0, alpha=1.0, max_steps=3).trainer
     trainer.train()
     assert rows == [(num_members * 2 * 4, False), (2 * 4, True)] * 3  # one ensemble pass, one reference pass
 
 
 def train_case_rule(tmp_path, alpha: float, seed: int):
-    tokenizer = make_tokenizer()
-    dataset = load_preference_dataset(write(tmp_path, "train.jsonl", case_records(seed, 20)), tokenizer, 64)
-    held_out = load_preference_dataset(write(tmp_path, "test.jsonl", case_records(seed + 100, 2)), tokenizer, 64)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=64),
-                            EnsembleConfig(num_members=2, init_seed=seed))
-    trainer = dpo_trainer(tmp_path, dataset, ensemble, tokenizer, alpha=alpha, seed=seed, max_steps=300)
+    run = make_trainer(tmp_path, case_records(seed, 20), **DPO, model_seed=seed, hidden_size=64, num_members=2,
+                       init_seed=seed, alpha=alpha, seed=seed, max_steps=300)
+    trainer, ensemble, dataset = run.trainer, run.ensemble, run.dataset
+    held_out = run.load(case_records(seed + 100, 2), "test.jsonl")
     trainer.train()
-    batch = PreferenceCollator(tokenizer.pad_token_id)(held_out.examples)
+    batch = run.collator(held_out.examples)
     group = batch.pop("group")
     with torch.no_grad():
         _, _, loglik = trainer.data_term(ensemble.eval(), batch)

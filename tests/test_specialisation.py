@@ -9,17 +9,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import answer_records, make_llama, make_tokenizer
+from conftest import answer_records, make_trainer
 
-from renyi_lora.data import SFTCollator, load_sft_dataset
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+from renyi_lora.data import SFTCollator
 from renyi_lora.objective import responsibilities
-from renyi_lora.train import RenyiConfig, RenyiTrainer
 
 
 def conflicting_records(answers_per_example: int, seed: int, num_prompts: int = 20, repeats: int = 8) -> list[dict]:
@@ -27,27 +24,20 @@ def conflicting_records(answers_per_example: int, seed: int, num_prompts: int = 
     return answer_records(seed, answers_per_example, num_prompts, repeats)
 
 
-def train_tiny(tmp_path, records, alpha: float, seed: int, steps: int, tie_a: bool = False):
-    """Train K = 2 members on ``records``; returns (trainer, dataset, routing summary)."""
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tokenizer = make_tokenizer()
-    dataset = load_sft_dataset(path, tokenizer, max_length=64)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=128),
-                            EnsembleConfig(num_members=2, rank=8, lora_alpha=16, init_seed=seed))
-    if tie_a:
-        with torch.no_grad():
-            for layer in ensemble.lora_layers().values():
-                layer.lora_A[1] = layer.lora_A[0]
-    args = RenyiConfig(
-        output_dir=str(tmp_path / "out"), alpha=alpha, num_members=2, max_steps=steps, learning_rate=3e-3,
-        lr_scheduler_type="constant", per_device_train_batch_size=16, per_device_eval_batch_size=64, seed=seed,
-        save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10_000, use_cpu=True,
-    )
-    trainer = RenyiTrainer(model=ensemble, args=args, group_names=dataset.group_names, train_dataset=dataset,
-                           data_collator=SFTCollator(tokenizer.pad_token_id))
-    trainer.train()
-    return trainer, dataset, trainer.routing_summary(dataset)
+def tie_a(ensemble) -> None:
+    with torch.no_grad():
+        for layer in ensemble.lora_layers().values():
+            layer.lora_A[1] = layer.lora_A[0]
+
+
+def train_tiny(tmp_path, records, alpha: float, seed: int, steps: int, tie: bool = False):
+    """Train K = 2 members on ``records`` (``conftest.make_trainer``); returns (trainer, dataset, routing summary)."""
+    run = make_trainer(tmp_path, records, max_length=64, model_seed=seed, hidden_size=128, setup=tie_a if tie else None,
+                       num_members=2, rank=8, lora_alpha=16, init_seed=seed, alpha=alpha, max_steps=steps,
+                       learning_rate=3e-3, lr_scheduler_type="constant", per_device_train_batch_size=16,
+                       per_device_eval_batch_size=64, seed=seed, logging_steps=10_000)
+    run.trainer.train()
+    return run.trainer, run.dataset, run.trainer.routing_summary(run.dataset)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -93,7 +83,7 @@ def test_single_answer_conflict_keeps_a_fifty_fifty_member_at_small_alpha(tmp_pa
 
 
 def test_tied_a_members_stay_identical(tmp_path):
-    trainer, _, summary = train_tiny(tmp_path, conflicting_records(4, 0), alpha=1.0, seed=0, steps=30, tie_a=True)
+    trainer, _, summary = train_tiny(tmp_path, conflicting_records(4, 0), alpha=1.0, seed=0, steps=30, tie=True)
     for layer in trainer.ensemble.lora_layers().values():
         assert layer.lora_B.abs().sum() > 0
         assert torch.equal(layer.lora_B[0], layer.lora_B[1])

@@ -7,29 +7,17 @@ import json
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import make_llama
 from transformers import HfArgumentParser, TrainerCallback
 
-from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.io import CONFIG_NAME, read_ensemble_config, save_ensemble
-from renyi_lora.train import RenyiConfig, RenyiTrainer
+from renyi_lora.train import RenyiConfig
 
 INF = float("inf")
 RECORDS = [{"prompt": f"q{i}:", "completion": f" a{i % 3}b", "group": f"g{i % 2}"} for i in range(8)]
-
-
-def make_trainer(tmp_path, num_members: int = 3, **settings) -> RenyiTrainer:
-    tokenizer = make_tokenizer()
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    dataset = load_sft_dataset(path, tokenizer, 32)
-    settings = {"max_steps": 4, "learning_rate": 1e-2, "per_device_train_batch_size": 4, **settings}
-    config = RenyiConfig(output_dir=str(tmp_path / "out"), num_members=num_members, use_cpu=True, report_to="none",
-                         save_strategy="no", disable_tqdm=True, **settings)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=1), config.ensemble_config())
-    return RenyiTrainer(model=ensemble, args=config, group_names=dataset.group_names, train_dataset=dataset,
-                        data_collator=SFTCollator(tokenizer.pad_token_id))
+# Three members on conftest's tiny Llama (seed 1), four steps of four examples (``tiny_trainer``).
+SETTINGS = {"model_seed": 1, "num_members": 3, "max_steps": 4, "learning_rate": 1e-2, "per_device_train_batch_size": 4}
 
 
 class CountMetrics(TrainerCallback):
@@ -42,8 +30,8 @@ class CountMetrics(TrainerCallback):
         self.counts.append(sum(len(values) for values in self.trainer._metrics["train"].values()))
 
 
-def test_logging_off_keeps_no_per_batch_metrics(tmp_path, one_thread):
-    trainer = make_trainer(tmp_path, logging_strategy="no")
+def test_logging_off_keeps_no_per_batch_metrics(tiny_trainer, one_thread):
+    trainer = tiny_trainer(RECORDS, **SETTINGS, logging_strategy="no").trainer
     counter = CountMetrics()
     counter.trainer = trainer
     trainer.add_callback(counter)
@@ -53,8 +41,9 @@ def test_logging_off_keeps_no_per_batch_metrics(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("alpha", [4.0, INF])
-def test_logged_alpha_is_the_alpha_used_in_the_logged_step(tmp_path, one_thread, alpha):
-    trainer = make_trainer(tmp_path, alpha=alpha, alpha_warmup_steps=4, max_steps=6, logging_steps=1)
+def test_logged_alpha_is_the_alpha_used_in_the_logged_step(tiny_trainer, one_thread, alpha):
+    trainer = tiny_trainer(RECORDS, **SETTINGS | {"max_steps": 6}, alpha=alpha, alpha_warmup_steps=4,
+                           logging_steps=1).trainer
     used = {}
     data_term = trainer.data_term
 
@@ -72,10 +61,10 @@ def test_logged_alpha_is_the_alpha_used_in_the_logged_step(tmp_path, one_thread,
     assert logged == pytest.approx({step: value for step, value in used.items() if value < INF})
 
 
-def test_winner_take_all_training_moves_every_member(tmp_path, one_thread):
+def test_winner_take_all_training_moves_every_member(tiny_trainer, one_thread):
     # At initialisation B = 0, so every member ties on every example; argmax routing gave member 0 every
     # gradient and the other members kept lora_B exactly 0 for good.
-    trainer = make_trainer(tmp_path, alpha=INF, max_steps=3)
+    trainer = tiny_trainer(RECORDS, **SETTINGS | {"max_steps": 3}, alpha=INF).trainer
     trainer.train()
     B = torch.stack([torch.stack([layer.lora_B[k].abs().sum() for layer in trainer.ensemble.lora_layers().values()])
                      for k in range(3)])  # [K, layers]
