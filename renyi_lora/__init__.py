@@ -27,10 +27,10 @@ _EXPORTS = {
     "routed_loss": "renyi_lora.objective",
     "gaussian_prior": "renyi_lora.objective",
     # training
-    "RenyiConfig": "renyi_lora.train",
+    "RenyiConfig": "renyi_lora.config",
     "RenyiTrainer": "renyi_lora.train",
     "RenyiSFTTrainer": "renyi_lora.train",
-    "DPOConfig": "renyi_lora.preference",
+    "DPOConfig": "renyi_lora.config",
     "RenyiDPOTrainer": "renyi_lora.preference",
     # data
     "load_sft_dataset": "renyi_lora.data",
@@ -70,7 +70,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from renyi_lora.config import EnsembleConfig
+    from renyi_lora.config import DPOConfig, EnsembleConfig
     from renyi_lora.critical import estimate_critical_alpha
     from renyi_lora.data import SFTCollator, load_sft_dataset
     from renyi_lora.ensemble import LoraEnsemble, load_adapter_mixture
@@ -79,7 +79,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from renyi_lora.inference import load_for_inference
     from renyi_lora.models import load_model_and_tokenizer
     from renyi_lora.objective import gaussian_prior, renyi_loss, renyi_per_example, responsibilities, routed_loss
-    from renyi_lora.preference import DPOConfig, RenyiDPOTrainer
+    from renyi_lora.preference import RenyiDPOTrainer
     from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
     from renyi_lora.records import DataError
     from renyi_lora.routing import posterior_weights

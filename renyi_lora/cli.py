@@ -66,7 +66,7 @@ def sft(argv: list[str]) -> None:
 @command("dpo", "Train an ensemble by preference optimisation (alpha-Renyi DPO, one shared reference forward).")
 def dpo(argv: list[str]) -> None:
     from renyi_lora.commands.train import DataArguments, TrainModelArguments, print_routing, run_dpo
-    from renyi_lora.preference import DPOConfig
+    from renyi_lora.config import DPOConfig
 
     model_args, data_args, config = _parse("dpo", (TrainModelArguments, DataArguments, DPOConfig), argv)
     print_routing(run_dpo(model_args, data_args, config, argv))

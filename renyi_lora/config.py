@@ -178,3 +178,24 @@ class RenyiConfig(TrainingArguments, EnsembleConfig):
         if values["init_seed"] is None:
             values["init_seed"] = self.seed
         return EnsembleConfig(**values)
+
+
+@dataclass
+class DPOConfig(RenyiConfig):
+    """``RenyiConfig`` plus the preference knobs (TRL's names)."""
+
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature beta on the log-ratio margins."})
+    reference: Literal["base", "initial"] = field(
+        default="base", metadata={"help": "Reference policy: 'base' (adapters disabled) or 'initial' (each member's "
+                                  "starting adapter; needs --adapters)."}
+    )
+    learning_rate: float = field(default=5e-5, metadata={"help": "Initial AdamW learning rate."})
+    # DPO usually starts from an SFT ensemble whose members have split already; a ramp from alpha = 0 would first
+    # train every member on every group's preferences. The warm-up stays available, off by default.
+    alpha_warmup_ratio: float = field(default=0.0, metadata={"help": "Raise alpha from 0 to --alpha over this "
+                                      "fraction of the training steps (see renyi-lora sft --help). 0 = off."})
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be > 0; got {self.beta}")
+        super().__post_init__()

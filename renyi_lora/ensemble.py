@@ -206,7 +206,8 @@ class LoraEnsemble(nn.Module):
         Training goes through this method so that DDP/FSDP wrappers see the forward.
         """
         if labels is not None:
-            return token_logliks(self, input_ids, attention_mask, labels)
+            features, head = self.output_features(input_ids, attention_mask)  # [K, B, T, H or V]
+            return likelihoods.token_logliks(features, head, labels)
         B, T = input_ids.shape
         with self.shared_trunk(B) as shared:
             if not shared:
@@ -304,19 +305,12 @@ class LoraEnsemble(nn.Module):
         return ensemble
 
 
-def token_logliks(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Per-token log-likelihoods of the targets, ``[K, B, T]`` (0 where ``labels == -100``); the leading dimension
-    is 1 under ``ensemble.adapters_disabled()`` (the base model on B rows). See ``likelihoods.token_logliks``."""
-    features, head = ensemble.output_features(input_ids, attention_mask)  # [K, B, T, H or V]
-    return likelihoods.token_logliks(features, head, labels, chunk_size)
-
-
 def sequence_logliks(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      labels: torch.Tensor, length_normalize: bool = False, chunk_size: int = 1024) -> torch.Tensor:
     """Per-member sequence log-likelihood of the completion tokens, ``[K, B]`` (mean over tokens if
     ``length_normalize``)."""
-    token = token_logliks(ensemble, input_ids, attention_mask, labels, chunk_size)
+    features, head = ensemble.output_features(input_ids, attention_mask)  # [K, B, T, H or V]
+    token = likelihoods.token_logliks(features, head, labels, chunk_size)  # [K, B, T]
     return likelihoods.sequence_loglik(token, labels, length_normalize, token.dtype)
 
 

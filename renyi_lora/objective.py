@@ -167,6 +167,19 @@ def renyi_loss(
     return loss, w
 
 
+def alpha_schedule(alpha: float, step: int, warmup_steps: int) -> float:
+    """The Renyi order after ``step`` completed optimizer steps of a warm-up over ``warmup_steps`` (0 = none).
+
+    Linear from 0: ``alpha * step / N`` for ``step < N``; for ``alpha = inf`` ``step / (N - step)`` (1 halfway, so that
+    ``alpha / (1 + alpha)`` rises linearly to 1, and winner-take-all from step N); ``alpha`` from step N on. Members
+    first fit what every example shares, then split along their largest disagreement (deterministic annealing).
+    """
+    _check_alpha(alpha)
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return alpha
+    return step / (warmup_steps - step) if math.isinf(alpha) else alpha * step / warmup_steps
+
+
 def gaussian_prior(lora_params: list[torch.Tensor], num_members: int, prior_std: float) -> torch.Tensor:
     """Gaussian prior term ``(1/K) sum_k ||theta_k||^2 / (2 prior_std^2)``.
 

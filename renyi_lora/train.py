@@ -27,7 +27,14 @@ from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.io import last_complete_checkpoint
 from renyi_lora.likelihoods import IGNORE_INDEX, sequence_loglik
-from renyi_lora.objective import gaussian_prior, gradient_weights, renyi_loss, routed_loss, weighted_loglik_loss
+from renyi_lora.objective import (
+    alpha_schedule,
+    gaussian_prior,
+    gradient_weights,
+    renyi_loss,
+    routed_loss,
+    weighted_loglik_loss,
+)
 from renyi_lora.outputs import SavingMixin, routing_summary
 from renyi_lora.upkeep import MemberUpkeep, set_weights
 
@@ -107,14 +114,12 @@ class RenyiTrainer(SavingMixin, Trainer):
 
     @property
     def alpha(self) -> float:
-        """The Renyi order in force: ``--alpha``, or during the first N (``RenyiConfig.alpha_warmup_length``) steps of
-        training its ramp from 0: ``alpha * s / N`` after s completed steps, or for ``alpha = inf`` ``s / (N - s)`` (1
-        halfway, so that ``alpha / (1 + alpha)`` rises linearly to 1, and winner-take-all from step N)."""
+        """The Renyi order in force: ``--alpha``, or while training, ``objective.alpha_schedule`` over the first
+        ``RenyiConfig.alpha_warmup_length`` steps."""
         args: RenyiConfig = self.args
-        N, s = args.alpha_warmup_length(self.state.max_steps), self.state.global_step
-        if N and self.model.training and s < N:
-            return s / (N - s) if math.isinf(args.alpha) else args.alpha * s / N
-        return args.alpha
+        if not self.model.training:
+            return args.alpha
+        return alpha_schedule(args.alpha, self.state.global_step, args.alpha_warmup_length(self.state.max_steps))
 
     def data_term(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mean alpha-Renyi loss, responsibilities [K, B], member log-likelihoods [K, B])`` of a batch.

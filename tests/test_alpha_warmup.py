@@ -16,7 +16,7 @@ import torch
 from conftest import answer_records, make_trainer
 from transformers import HfArgumentParser
 
-from renyi_lora.preference import DPOConfig
+from renyi_lora.config import DPOConfig
 from renyi_lora.train import RenyiConfig
 
 RECORDS = [{"prompt": f"q{i}:", "completion": f" a{i % 3}b", "group": f"g{i % 2}"} for i in range(8)]

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble, sequence_logliks, token_logliks
+from renyi_lora.config import EnsembleConfig
+from renyi_lora.ensemble import LoraEnsemble, sequence_logliks
 from renyi_lora.io import export_peft
 
 ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -85,7 +86,7 @@ def test_disabled_adapters_run_the_base_on_b_rows(tiny_llama, batch):
     randomise_b(ensemble)
     with torch.no_grad(), ensemble.adapters_disabled():
         assert ensemble.hidden_states(input_ids, mask).shape[0] == 1
-        token = token_logliks(ensemble, input_ids, mask, labels)
+        token = ensemble(input_ids, mask, labels=labels)  # [1, B, T] per-token log-likelihoods
     reference = torch.log_softmax(base[:, :-1], -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     reference = (reference * (labels[:, 1:] != -100)).sum(-1)
     torch.testing.assert_close(token.sum(-1)[0], reference, atol=1e-5, rtol=1e-5)

@@ -19,10 +19,11 @@ from transformers import TrainerCallback
 
 from renyi_lora import io
 from renyi_lora.commands.train import resume_checkpoint
+from renyi_lora.config import DPOConfig
 from renyi_lora.data import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.io import last_complete_checkpoint
-from renyi_lora.preference import DPOConfig, RenyiDPOTrainer
+from renyi_lora.preference import RenyiDPOTrainer
 from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
 from renyi_lora.train import NonFiniteError, RenyiConfig, RenyiTrainer
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from renyi_lora.objective import gaussian_prior, renyi_loss, renyi_per_example, responsibilities
+from renyi_lora.objective import alpha_schedule, gaussian_prior, renyi_loss, renyi_per_example, responsibilities
 
 INF = float("inf")
 
@@ -154,3 +154,11 @@ def test_a_member_at_minus_infinity_is_ignored_not_nan(alpha):
 
 def test_a_member_at_minus_infinity_at_alpha_zero_is_an_infinite_loss():
     assert renyi_per_example(torch.tensor([[-INF], [-2.0]]), 0.0).item() == INF
+
+
+def test_alpha_schedule_ramps_linearly_then_holds():
+    assert [alpha_schedule(2.0, s, 4) for s in range(6)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    assert [alpha_schedule(math.inf, s, 4) for s in range(5)] == [0.0, 1 / 3, 1.0, 3.0, math.inf]  # s / (N - s)
+    assert alpha_schedule(1.0, 0, 0) == 1.0  # no warm-up
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        alpha_schedule(-1.0, 0, 4)

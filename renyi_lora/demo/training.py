@@ -3,7 +3,6 @@ dozen steps, a constant learning rate)."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ def train_ensemble(args: DemoArguments, tokenizer, dataset, alpha: float, num_me
     layers = model.config.num_hidden_layers
     config = RenyiConfig(
         output_dir=str(out), alpha=alpha, num_members=num_members,
-        alpha_warmup_steps=0 if math.isinf(alpha) else min(args.alpha_warmup_steps, args.max_steps // 2),
+        alpha_warmup_steps=min(args.alpha_warmup_steps, args.max_steps // 2),
         rank=8, lora_alpha=16,
         layers_to_transform=list(range(max(layers - args.top_layers, 0), layers)), max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=32, learning_rate=args.learning_rate,
