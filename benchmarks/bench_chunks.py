@@ -27,9 +27,9 @@ import common
 import torch
 from transformers import TrainerCallback
 
-from renyi_lora.data import SFTCollator
+from renyi_lora.data.sft import SFTCollator
 from renyi_lora.ensemble import LoraEnsemble
-from renyi_lora.train import RenyiConfig, RenyiTrainer
+from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer
 
 
 def peak_mb() -> float:

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import load_base, make_ensemble, markdown_table, ms, paired_ratio, run_interleaved, top_layers
 from renyi_lora import objective
 from renyi_lora.config import RenyiConfig
-from renyi_lora.data import SFTCollator, load_sft_dataset
+from renyi_lora.data.sft import SFTCollator, load_sft_dataset
 from renyi_lora.likelihoods import IGNORE_INDEX, sequence_loglik
-from renyi_lora.train import RenyiTrainer
+from renyi_lora.training.trainer import RenyiTrainer
 
 DATA = Path(__file__).resolve().parent / "quality" / "data" / "survey_gss_train.jsonl"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -27,7 +27,7 @@ import torch
 
 def our_trainer(base, members: int, output_dir: str):
     from renyi_lora.config import DPOConfig
-    from renyi_lora.preference import RenyiDPOTrainer
+    from renyi_lora.training.dpo import RenyiDPOTrainer
 
     args = DPOConfig(output_dir=output_dir, num_members=members, rank=common.RANK, lora_alpha=common.LORA_ALPHA,
                      target_modules=common.QV, alpha=1.0, beta=0.1, learning_rate=common.LEARNING_RATE,

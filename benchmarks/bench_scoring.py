@@ -23,7 +23,7 @@ from __future__ import annotations
 import common
 import torch
 
-from renyi_lora.scoring import shared_prompt_logliks
+from renyi_lora.evaluation.scoring import shared_prompt_logliks
 
 MEMBERS = 4
 CHOICES = 4

@@ -11,8 +11,8 @@ B ``LETTERS[2i + 1]``), every prompt in both groups, so the data conflict 50/50 
 For each rank the script (a) fits one adapter (K = 1) to a minimum of mean NLL plus the training prior (full-batch
 Adam, then L-BFGS in float64: the sweep below starts from these tensors, so the script fits them itself; on an adapter
 you trained, ``renyi-lora critical-alpha`` runs that L-BFGS step for you), (b) estimates alpha* there with
-``renyi_lora.critical.estimate_critical_alpha`` (``refine=False``: the point is already the fit) and (c) trains K = 2
-ensembles with ``RenyiTrainer`` over a sweep of alpha:
+``renyi_lora.stability.critical.estimate_critical_alpha`` (``refine=False``: the point is already the fit) and
+(c) trains K = 2 ensembles with ``RenyiTrainer`` over a sweep of alpha:
 
 - from the fit: both members at the fitted adapter plus relative noise 1e-3, 600 Adam steps at 1e-4 (the local
   question alpha* answers: does the perturbation grow or decay?). At 3e-3 Adam's steps of about the learning rate in
@@ -51,11 +51,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, PrinterCallback
 
-from renyi_lora.critical import completion_loglik_fn, estimate_critical_alpha, make_batches
-from renyi_lora.data import SFTCollator, TokenizedDataset, load_sft_dataset
+from renyi_lora.data.sft import SFTCollator, TokenizedDataset, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.stability import StabilityResult
-from renyi_lora.train import RenyiConfig, RenyiTrainer
+from renyi_lora.stability.critical import completion_loglik_fn, estimate_critical_alpha, make_batches
+from renyi_lora.stability.lanczos import StabilityResult
+from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer
 
 ALPHAS = [0.0, 0.2, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.5, 4.0]
 TICKS = [0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 4.0]

@@ -3,7 +3,7 @@
 Data y ~ 0.5 N(-m, 1) + 0.5 N(m, 1); model N(theta, s^2) with s fixed. At the fitted theta = 0 (the sample
 mean) V = 1/s^2 and J = E[y^2]/s^4 = (1 + m^2)/s^4, so alpha* = s^2 / (1 + m^2). The script
 
-(a) runs ``renyi_lora.stability.critical_alpha`` at theta = 0 and prints its alpha* beside the analytic one for
+(a) runs ``renyi_lora.stability.lanczos.critical_alpha`` at theta = 0 and prints its alpha* beside the analytic one for
     several (m, s);
 (b) trains two members (theta_1, theta_2, uniform weights) with ``renyi_loss`` by full-batch gradient descent from
     theta = +-eps for a sweep of alpha, and plots the final spread |theta_1 - theta_2| against alpha with the
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from renyi_lora.objective import renyi_loss
-from renyi_lora.stability import StabilityResult, critical_alpha
+from renyi_lora.stability.lanczos import StabilityResult, critical_alpha
 
 CONFIGS = [(0.5, 1.0), (1.0, 1.0), (2.0, 1.0), (1.0, 0.5), (2.0, 2.0), (1.0, math.sqrt(2.0))]  # (m, s)
 SWEEP_CONFIGS = [(2.0, 1.0, 0.05, 0.65), (1.0, 1.0, 0.1, 1.3)]  # (m, s, alpha range): alpha* = 0.2 and 0.5

@@ -28,30 +28,30 @@ _EXPORTS = {
     "gaussian_prior": "renyi_lora.objective",
     # training
     "RenyiConfig": "renyi_lora.config",
-    "RenyiTrainer": "renyi_lora.train",
-    "RenyiSFTTrainer": "renyi_lora.train",
+    "RenyiTrainer": "renyi_lora.training.trainer",
+    "RenyiSFTTrainer": "renyi_lora.training.trainer",
     "DPOConfig": "renyi_lora.config",
-    "RenyiDPOTrainer": "renyi_lora.preference",
+    "RenyiDPOTrainer": "renyi_lora.training.dpo",
     # data
-    "load_sft_dataset": "renyi_lora.data",
-    "SFTCollator": "renyi_lora.data",
-    "load_preference_dataset": "renyi_lora.preference_data",
-    "PreferenceCollator": "renyi_lora.preference_data",
-    "load_multiple_choice": "renyi_lora.evaluate",
-    "DataError": "renyi_lora.records",
+    "load_sft_dataset": "renyi_lora.data.sft",
+    "SFTCollator": "renyi_lora.data.sft",
+    "load_preference_dataset": "renyi_lora.data.preference",
+    "PreferenceCollator": "renyi_lora.data.preference",
+    "load_multiple_choice": "renyi_lora.evaluation.multiple_choice",
+    "DataError": "renyi_lora.data.records",
     # models
     "load_model_and_tokenizer": "renyi_lora.models",
     # evaluation, uncertainty, generation
-    "evaluate_multiple_choice": "renyi_lora.evaluate",
-    "evaluate_sft": "renyi_lora.sft_eval",
-    "load_for_inference": "renyi_lora.inference",
-    "posterior_weights": "renyi_lora.routing",
+    "evaluate_multiple_choice": "renyi_lora.evaluation.multiple_choice",
+    "evaluate_sft": "renyi_lora.evaluation.sequences",
+    "load_for_inference": "renyi_lora.evaluation.inference",
+    "posterior_weights": "renyi_lora.evaluation.routing",
     "decompose_uncertainty": "renyi_lora.uncertainty",
-    "token_uncertainty": "renyi_lora.token_uncertainty",
-    "generate": "renyi_lora.generate",
+    "token_uncertainty": "renyi_lora.evaluation.token_uncertainty",
+    "generate": "renyi_lora.evaluation.generate",
     # critical alpha
-    "critical_alpha": "renyi_lora.stability",
-    "estimate_critical_alpha": "renyi_lora.critical",
+    "critical_alpha": "renyi_lora.stability.lanczos",
+    "estimate_critical_alpha": "renyi_lora.stability.critical",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -71,20 +71,20 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from renyi_lora.config import DPOConfig, EnsembleConfig
-    from renyi_lora.critical import estimate_critical_alpha
-    from renyi_lora.data import SFTCollator, load_sft_dataset
+    from renyi_lora.data.preference import PreferenceCollator, load_preference_dataset
+    from renyi_lora.data.records import DataError
+    from renyi_lora.data.sft import SFTCollator, load_sft_dataset
     from renyi_lora.ensemble import LoraEnsemble, load_adapter_mixture
-    from renyi_lora.evaluate import evaluate_multiple_choice, load_multiple_choice
-    from renyi_lora.generate import generate
-    from renyi_lora.inference import load_for_inference
+    from renyi_lora.evaluation.generate import generate
+    from renyi_lora.evaluation.inference import load_for_inference
+    from renyi_lora.evaluation.multiple_choice import evaluate_multiple_choice, load_multiple_choice
+    from renyi_lora.evaluation.routing import posterior_weights
+    from renyi_lora.evaluation.sequences import evaluate_sft
+    from renyi_lora.evaluation.token_uncertainty import token_uncertainty
     from renyi_lora.models import load_model_and_tokenizer
     from renyi_lora.objective import gaussian_prior, renyi_loss, renyi_per_example, responsibilities, routed_loss
-    from renyi_lora.preference import RenyiDPOTrainer
-    from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
-    from renyi_lora.records import DataError
-    from renyi_lora.routing import posterior_weights
-    from renyi_lora.sft_eval import evaluate_sft
-    from renyi_lora.stability import critical_alpha
-    from renyi_lora.token_uncertainty import token_uncertainty
-    from renyi_lora.train import RenyiConfig, RenyiSFTTrainer, RenyiTrainer
+    from renyi_lora.stability.critical import estimate_critical_alpha
+    from renyi_lora.stability.lanczos import critical_alpha
+    from renyi_lora.training.dpo import RenyiDPOTrainer
+    from renyi_lora.training.trainer import RenyiConfig, RenyiSFTTrainer, RenyiTrainer
     from renyi_lora.uncertainty import decompose_uncertainty

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         lines = [f"  {name:<16}{summary}" for name, (summary, _) in COMMANDS.items()]
         print("usage: renyi-lora <command> [--help] [flags]\n\ncommands:\n" + "\n".join(lines))
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    from renyi_lora.model_card import PushError
+    from renyi_lora.training.model_card import PushError
 
     try:
         COMMANDS[argv[0]][1](argv[1:])

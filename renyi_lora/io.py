@@ -16,7 +16,6 @@ import os
 import re
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -26,9 +25,6 @@ from transformers.pytorch_utils import Conv1D
 
 from renyi_lora import __version__
 from renyi_lora.config import EnsembleConfig, layer_dims
-
-if TYPE_CHECKING:
-    from renyi_lora.ensemble import LoraEnsemble
 
 CONFIG_NAME = "ensemble_config.json"
 WEIGHTS_NAME = "adapters.safetensors"
@@ -58,7 +54,7 @@ def _base_name(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
-def save_ensemble(ensemble: LoraEnsemble, directory: str | os.PathLike,
+def save_ensemble(ensemble: nn.Module, directory: str | os.PathLike,
                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``ensemble_config.json`` and ``adapters.safetensors`` into ``directory``.
 
@@ -151,7 +147,7 @@ def _read_adapter_tensors(directory: str | os.PathLike, config: EnsembleConfig, 
     return tensors
 
 
-def copy_adapters(ensemble: LoraEnsemble, tensors: dict[str, torch.Tensor]) -> None:
+def copy_adapters(ensemble: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy ``<module>.lora_A`` / ``lora_B`` tensors into the ensemble's layers, in place."""
     with torch.no_grad():
         for name, layer in ensemble.lora_layers().items():
@@ -159,7 +155,7 @@ def copy_adapters(ensemble: LoraEnsemble, tensors: dict[str, torch.Tensor]) -> N
             layer.lora_B.copy_(tensors[f"{name}.lora_B"])
 
 
-def load_adapter_weights(ensemble: LoraEnsemble, directory: str | os.PathLike) -> None:
+def load_adapter_weights(ensemble: nn.Module, directory: str | os.PathLike) -> None:
     """Copy a saved ensemble's adapters into ``ensemble`` in place (resuming a run): the saved K, rank and
     adapted modules must be this ensemble's."""
     config, module_names, _ = read_ensemble_config(directory)
@@ -195,7 +191,7 @@ def read_ensemble(directory: str | os.PathLike, model: nn.Module, members: list[
     return config, module_names, tensors, weights
 
 
-def export_peft(ensemble: LoraEnsemble, directory: str | os.PathLike, member: int) -> Path:
+def export_peft(ensemble: nn.Module, directory: str | os.PathLike, member: int) -> Path:
     """Write member ``member`` as a standard PEFT LoRA adapter (``adapter_config.json`` + safetensors).
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` then gives that member's logits.
@@ -227,7 +223,7 @@ def export_peft(ensemble: LoraEnsemble, directory: str | os.PathLike, member: in
     return out
 
 
-def export_all_peft(ensemble: LoraEnsemble, directory: str | os.PathLike) -> list[Path]:
+def export_all_peft(ensemble: nn.Module, directory: str | os.PathLike) -> list[Path]:
     """Export every member to ``directory/member_<k>``."""
     return [export_peft(ensemble, Path(directory) / f"member_{k}", k) for k in range(ensemble.num_members)]
 

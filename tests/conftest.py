@@ -50,11 +50,11 @@ from tokenizers import Tokenizer, decoders, models  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from renyi_lora.config import DPOConfig
-from renyi_lora.data import SFTCollator, TokenizedDataset, load_sft_dataset  # noqa: E402
+from renyi_lora.data.preference import PreferenceCollator, load_preference_dataset  # noqa: E402
+from renyi_lora.data.sft import SFTCollator, TokenizedDataset, load_sft_dataset  # noqa: E402
 from renyi_lora.ensemble import LoraEnsemble  # noqa: E402
-from renyi_lora.preference import RenyiDPOTrainer  # noqa: E402
-from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset  # noqa: E402
-from renyi_lora.train import RenyiConfig, RenyiTrainer  # noqa: E402
+from renyi_lora.training.dpo import RenyiDPOTrainer  # noqa: E402
+from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (

@@ -17,7 +17,7 @@ from conftest import answer_records, make_trainer
 from transformers import HfArgumentParser
 
 from renyi_lora.config import DPOConfig
-from renyi_lora.train import RenyiConfig
+from renyi_lora.training.trainer import RenyiConfig
 
 RECORDS = [{"prompt": f"q{i}:", "completion": f" a{i % 3}b", "group": f"g{i % 2}"} for i in range(8)]
 # Three members on conftest's tiny Llama (seed 1) whose lora_B start random, so that the routing is not uniform at

@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
-from renyi_lora.data import load_sft_dataset
+from renyi_lora.data.sft import load_sft_dataset
 from renyi_lora.demo import analogies as analogy_data
 from renyi_lora.demo.analogies import NUM_CHOICES, build_analogy_data, read_analogies, write_analogy_data
-from renyi_lora.evaluate import load_multiple_choice
+from renyi_lora.evaluation.multiple_choice import load_multiple_choice
 
 needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None,
                                   reason="gensim's questions-words.txt is needed: pip install --no-deps gensim")

@@ -14,8 +14,8 @@ import transformers
 
 from renyi_lora import likelihoods
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.inference import pad_right
-from renyi_lora.scoring import shared_prompt_logliks
+from renyi_lora.evaluation.inference import pad_right
+from renyi_lora.evaluation.scoring import shared_prompt_logliks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

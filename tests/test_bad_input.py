@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from renyi_lora.cli import main
-from renyi_lora.data import load_sft_dataset
-from renyi_lora.preference_data import load_preference_dataset
-from renyi_lora.records import KNOWN_FIELDS, DataError
+from renyi_lora.data.preference import load_preference_dataset
+from renyi_lora.data.records import KNOWN_FIELDS, DataError
+from renyi_lora.data.sft import load_sft_dataset
 
 TOKENIZER = make_tokenizer()
 MAX_LENGTH = 48
@@ -264,7 +264,7 @@ def test_bad_arguments_fail_before_the_weights_load(tmp_path, model_dir, monkeyp
     def no_loading(*args, **kwargs):
         raise AssertionError("the model's weights were loaded before the arguments were checked")
 
-    monkeypatch.setattr("renyi_lora.prepare.load_model_and_tokenizer", no_loading)
+    monkeypatch.setattr("renyi_lora.training.prepare.load_model_and_tokenizer", no_loading)
     monkeypatch.delenv("RENYI_LORA_DEBUG", raising=False)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in (SFT if command == "sft" else PREFERENCES)))

@@ -13,9 +13,9 @@ from conftest import make_llama, make_tokenizer
 
 from renyi_lora.cli import main
 from renyi_lora.config import DPOConfig
+from renyi_lora.data.preference import PreferenceCollator, load_preference_dataset
 from renyi_lora.ensemble import LoraEnsemble
-from renyi_lora.preference import RenyiDPOTrainer
-from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
+from renyi_lora.training.dpo import RenyiDPOTrainer
 
 FAST = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--logging_steps", "2", "--save_strategy", "no",
         "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--seed", "0"]

@@ -14,7 +14,7 @@ import torch._dynamo
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.objective import renyi_loss, routed_loss
-from renyi_lora.preference import _sequence_logps, preference_loglik
+from renyi_lora.training.dpo import _sequence_logps, preference_loglik
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

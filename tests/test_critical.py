@@ -1,5 +1,5 @@
-"""renyi_lora.critical: the member's log-likelihood through functional_call, alpha* ~ 1 where one adapter can fit the
-data, the ``renyi-lora critical-alpha`` command on a model folder, the refinement it runs first, and the Gauss-Newton
+"""renyi_lora.stability.critical: the member's log-likelihood through functional_call, alpha* ~ 1 where one adapter can
+fit the data, the ``renyi-lora critical-alpha`` command on a model folder, the refinement it runs first, and the Gauss-Newton
 curvature against the exact one."""
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from conftest import load_example, make_llama, make_tokenizer
 
 from renyi_lora.cli import main
 from renyi_lora.commands.critical_alpha import CriticalAlphaArguments
-from renyi_lora.critical import (
+from renyi_lora.data.sft import load_sft_dataset
+from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+from renyi_lora.stability.critical import (
     completion_loglik_fn,
     estimate_critical_alpha,
     load_point,
     make_batches,
     member_params,
 )
-from renyi_lora.curvature import OutputLoglik
-from renyi_lora.data import load_sft_dataset
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.refine import refine_point
-from renyi_lora.stability import NotAMinimumError
+from renyi_lora.stability.curvature import OutputLoglik
+from renyi_lora.stability.lanczos import NotAMinimumError
+from renyi_lora.stability.refine import refine_point
 
 example = load_example("critical_alpha_lm")
 

@@ -1,4 +1,4 @@
-"""Data formats, validation, tokenisation and collation (renyi_lora.data, renyi_lora.preference_data)."""
+"""Data formats, validation, tokenisation and collation (renyi_lora.data.sft, renyi_lora.data.preference)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from tokenizers import Tokenizer, decoders, models, processors
 from transformers import PreTrainedTokenizerFast
 
 import renyi_lora
-from renyi_lora import data, evaluate, preference_data
-from renyi_lora.data import IGNORE_INDEX, SFTCollator, load_sft_dataset
-from renyi_lora.evaluate import load_multiple_choice
-from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
-from renyi_lora.records import DataError, read_records
+from renyi_lora.data import preference as preference_data
+from renyi_lora.data import sft as data
+from renyi_lora.data.preference import PreferenceCollator, load_preference_dataset
+from renyi_lora.data.records import DataError, read_records
+from renyi_lora.data.sft import IGNORE_INDEX, SFTCollator, load_sft_dataset
+from renyi_lora.evaluation import multiple_choice as evaluate
+from renyi_lora.evaluation.multiple_choice import load_multiple_choice
 
 USER = {"role": "user", "content": "hi"}
 SYSTEM = {"role": "system", "content": "be brief"}

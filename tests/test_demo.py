@@ -8,11 +8,11 @@ from collections import Counter, defaultdict
 import pytest
 from conftest import make_tokenizer
 
-from renyi_lora.data import load_sft_dataset
+from renyi_lora.data.preference import load_preference_dataset
+from renyi_lora.data.sft import load_sft_dataset
 from renyi_lora.demo import PARTS, DemoArguments, run_demo
 from renyi_lora.demo.data import CONFLICTING, CONSISTENT, ONE_DECISION, write_demo_data
-from renyi_lora.evaluate import load_multiple_choice
-from renyi_lora.preference_data import load_preference_dataset
+from renyi_lora.evaluation.multiple_choice import load_multiple_choice
 
 
 def read(path) -> list[dict]:

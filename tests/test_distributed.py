@@ -89,7 +89,7 @@ def test_save_takes_the_adapters_from_a_gathered_state_dict(tmp_path):
     """Under FSDP / DeepSpeed the layers hold shards and the Trainer passes ``_save`` the gathered full state dict:
     the checkpoint's adapters must come from it."""
     from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-    from renyi_lora.train import RenyiConfig, RenyiTrainer
+    from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer
 
     tokenizer = make_tokenizer()
     ensemble = LoraEnsemble(make_llama(len(tokenizer)), EnsembleConfig(num_members=2, rank=4))

@@ -11,8 +11,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from renyi_lora.cli import main
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble, load_adapter_mixture
+from renyi_lora.evaluation.ood import detection_aurocs, prompt_scores
 from renyi_lora.io import export_peft
-from renyi_lora.ood import detection_aurocs, prompt_scores
 from renyi_lora.uncertainty import accuracy_at_coverage, mixture_log_probs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,9 +11,9 @@ import torch
 
 from renyi_lora.cli import main
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.evaluate import MultipleChoiceItem, choice_log_probs, evaluate_multiple_choice
-from renyi_lora.report import format_table, write_report
-from renyi_lora.token_uncertainty import token_uncertainty
+from renyi_lora.evaluation.multiple_choice import MultipleChoiceItem, choice_log_probs, evaluate_multiple_choice
+from renyi_lora.evaluation.report import format_table, write_report
+from renyi_lora.evaluation.token_uncertainty import token_uncertainty
 
 ITEMS = [
     MultipleChoiceItem("2+2=", ["4", "5", "22"], 0, "math", 1),
@@ -97,7 +97,7 @@ def test_results_have_every_field_and_are_strict_json(tokenizer, tiny_llama):
 
 def test_metrics_on_a_constructed_case(tokenizer, tiny_llama):
     """Routing and accuracy follow from the member scores by the stated formulas."""
-    from renyi_lora.evaluate import multiple_choice_metrics
+    from renyi_lora.evaluation.multiple_choice import multiple_choice_metrics
 
     member = torch.tensor([[[0.9, 0.1], [0.8, 0.2]], [[0.5, 0.5], [0.1, 0.9]]], dtype=torch.float64).log()
     metrics = multiple_choice_metrics(member, torch.tensor([0, 1]), torch.tensor([0.5, 0.5]).log())

@@ -20,12 +20,12 @@ from transformers import TrainerCallback
 from renyi_lora import io
 from renyi_lora.commands.train import resume_checkpoint
 from renyi_lora.config import DPOConfig
-from renyi_lora.data import SFTCollator, load_sft_dataset
+from renyi_lora.data.preference import PreferenceCollator, load_preference_dataset
+from renyi_lora.data.sft import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.io import last_complete_checkpoint
-from renyi_lora.preference import RenyiDPOTrainer
-from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
-from renyi_lora.train import NonFiniteError, RenyiConfig, RenyiTrainer
+from renyi_lora.training.dpo import RenyiDPOTrainer
+from renyi_lora.training.trainer import NonFiniteError, RenyiConfig, RenyiTrainer
 
 SFT_RECORDS = [{"prompt": f"q{i}:", "completion": f" answer {i % 3}", "group": "even" if i % 2 == 0 else "odd"}
                for i in range(16)]
@@ -45,7 +45,7 @@ def cli_env() -> dict[str, str]:
 
 # The run to be killed sleeps before each step (numerics untouched) so that the kill lands mid-run.
 SLOW_CLI = ("import sys, time\n"
-            "from renyi_lora.train import RenyiTrainer\n"
+            "from renyi_lora.training.trainer import RenyiTrainer\n"
             "step = RenyiTrainer.training_step\n"
             "RenyiTrainer.training_step = lambda self, *args: (time.sleep(0.25), step(self, *args))[1]\n"
             "from renyi_lora.cli import main\n"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.generate import choose_tokens, generate, prompt_log_weights
-from renyi_lora.inference import IncrementalForward, pad_right
-from renyi_lora.token_uncertainty import completion_scores
+from renyi_lora.evaluation.generate import choose_tokens, generate, prompt_log_weights
+from renyi_lora.evaluation.inference import IncrementalForward, pad_right
+from renyi_lora.evaluation.token_uncertainty import completion_scores
 
 PROMPTS = ["hello there", "ab", "a longer prompt, with commas"]
 EOS = 1

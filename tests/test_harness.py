@@ -20,21 +20,21 @@ pytest.importorskip("datasets")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-import renyi_lora.harness as harness  # noqa: E402  (registers the "renyi" model)
+import renyi_lora.evaluation.harness as harness  # noqa: E402  (registers the "renyi" model)
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble  # noqa: E402
-from renyi_lora.evaluate import choice_log_probs, evaluate_multiple_choice  # noqa: E402
+from renyi_lora.evaluation.multiple_choice import choice_log_probs, evaluate_multiple_choice  # noqa: E402
+from renyi_lora.evaluation.token_uncertainty import completion_scores  # noqa: E402
 from renyi_lora.io import export_all_peft  # noqa: E402
 from renyi_lora.models import load_model_and_tokenizer  # noqa: E402
-from renyi_lora.token_uncertainty import completion_scores  # noqa: E402
 
 try:
-    from renyi_lora.evaluate import load_multiple_choice
+    from renyi_lora.evaluation.multiple_choice import load_multiple_choice
 except ImportError:  # older layout
-    from renyi_lora.data import load_multiple_choice
+    from renyi_lora.data.sft import load_multiple_choice
 try:
-    from renyi_lora.inference import pad_right
+    from renyi_lora.evaluation.inference import pad_right
 except ImportError:  # older layout
-    from renyi_lora.token_uncertainty import pad_right
+    from renyi_lora.evaluation.token_uncertainty import pad_right
 
 # Choices start with a space and the task's target_delimiter is "", so lm-eval scores exactly prompt + choice, as
 # renyi-lora does. Choices differ in length (multi-token, character-level tokenizer) and in number.
@@ -217,7 +217,7 @@ def test_python_m_entry_point_runs_lm_eval_with_the_renyi_model(setup, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
-        [sys.executable, "-m", "renyi_lora.harness", "--model", "renyi", "--model_args",
+        [sys.executable, "-m", "renyi_lora.evaluation.harness", "--model", "renyi", "--model_args",
          f"pretrained={setup['model_dir']},adapters={setup['out']}", "--tasks", TASK, "--include_path",
          str(setup["tasks"]), "--device", "cpu", "--batch_size", "8", "--output_path", str(tmp_path / "results")],
         capture_output=True, text=True, env=env, timeout=300)

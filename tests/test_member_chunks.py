@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_trainer
 
-from renyi_lora.train import RenyiConfig
+from renyi_lora.training.trainer import RenyiConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from renyi_lora.cli import main
-from renyi_lora.model_card import model_card, push_to_hub, upload_files, write_model_card
+from renyi_lora.training.model_card import model_card, push_to_hub, upload_files, write_model_card
 
 RECORDS = [{"prompt": f"q{i}:", "completion": f" answer {i % 3}", "group": "even" if i % 2 == 0 else "odd"}
            for i in range(8)]

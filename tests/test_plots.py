@@ -7,7 +7,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from renyi_lora.plots import bar_chart, mi_histogram, reliability_diagram, routing_heatmap
+from renyi_lora.evaluation.plots import bar_chart, mi_histogram, reliability_diagram, routing_heatmap
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

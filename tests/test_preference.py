@@ -10,7 +10,7 @@ import torch
 from conftest import make_llama, make_trainer
 from torch.nn import functional as F
 
-from renyi_lora.preference import preference_loglik
+from renyi_lora.training.dpo import preference_loglik
 
 
 def case_records(seed: int, repeats: int, num_prompts: int = 24) -> list[dict]:

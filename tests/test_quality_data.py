@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the benchmarks folder is n
 
 from benchmarks.quality import build_data, sources  # noqa: E402
 from benchmarks.quality.build_data import LETTERS, build, normalise, truncate  # noqa: E402
-from renyi_lora.data import load_sft_dataset  # noqa: E402
-from renyi_lora.evaluate import load_multiple_choice
+from renyi_lora.data.sft import load_sft_dataset  # noqa: E402
+from renyi_lora.evaluation.multiple_choice import load_multiple_choice
 
 ID_SUBJECTS = ["alpha", "beta", "gamma"]
 OOD_SUBJECTS = ["delta", "epsilon"]

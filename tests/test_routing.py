@@ -13,11 +13,11 @@ from conftest import make_llama
 
 from renyi_lora.cli import main
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.generate import generate
-from renyi_lora.inference import load_for_inference, pad_right
-from renyi_lora.ood import prompt_scores
-from renyi_lora.routing import posterior_weights, prompt_log_weights
-from renyi_lora.token_uncertainty import prior_log_weights, token_uncertainty
+from renyi_lora.evaluation.generate import generate
+from renyi_lora.evaluation.inference import load_for_inference, pad_right
+from renyi_lora.evaluation.ood import prompt_scores
+from renyi_lora.evaluation.routing import posterior_weights, prompt_log_weights
+from renyi_lora.evaluation.token_uncertainty import prior_log_weights, token_uncertainty
 
 PI = [0.5, 0.3, 0.2]
 PROMPTS = ["hello there", "ab", "a longer prompt, with commas"]
@@ -133,7 +133,7 @@ def test_sequence_mixture_greedy_agrees_with_the_lm_eval_model(tokenizer, tiny_l
     """The predictive shared with lm-eval's ``renyi`` model: its mixture log-likelihood of the continuation that
     sequence-mode greedy decoding produced is the sum of the step log-probabilities, and it calls it greedy."""
     pytest.importorskip("lm_eval")
-    from renyi_lora.harness import sequence_scores
+    from renyi_lora.evaluation.harness import sequence_scores
 
     ensemble = make_ensemble(tiny_llama)
     results = generate(ensemble, tokenizer, PROMPTS, max_new_tokens=8, eos_token_id=-1)
@@ -158,7 +158,7 @@ def test_load_for_inference_keeps_the_saved_weights(tokenizer, tiny_llama, tmp_p
     joined, _ = load_for_inference(str(model_dir), [folder, folder], device="cpu")  # several folders: uniform
     assert joined.mixture_weights.tolist() == pytest.approx([1 / 6] * 6)
     pytest.importorskip("lm_eval")
-    from renyi_lora.harness import RenyiLM
+    from renyi_lora.evaluation.harness import RenyiLM
 
     lm = RenyiLM(pretrained=str(model_dir), adapters=folder, device="cpu")
     assert lm.log_weights.exp().tolist() == pytest.approx([0.1, 0.6, 0.3])

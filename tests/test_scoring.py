@@ -7,8 +7,8 @@ import torch
 from conftest import make_llama
 
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.inference import pad_right
-from renyi_lora.scoring import shared_prompt_logliks
+from renyi_lora.evaluation.inference import pad_right
+from renyi_lora.evaluation.scoring import shared_prompt_logliks
 
 PROMPTS = [[5, 9, 13, 7], [22], [30, 31, 32, 33, 34, 35, 36]]
 COMPLETIONS = [[[40, 41], [42], [43, 44, 45]], [[50, 51, 52, 53]], [[60], [61, 62]]]
@@ -45,7 +45,7 @@ def test_shared_prompt_scores_equal_full_rows(members, layers, disabled):
 def test_one_token_choices_from_one_prompt_forward_equal_full_rows(tokenizer, tiny_llama, one_thread):
     """Answer letters: every choice one token, scored from one forward of the prompt (``next_token_logliks``), give
     the same distribution as running every ``prompt + choice`` row in full."""
-    from renyi_lora.evaluate import MultipleChoiceItem, choice_log_probs, encode_choices
+    from renyi_lora.evaluation.multiple_choice import MultipleChoiceItem, choice_log_probs, encode_choices
 
     items = [MultipleChoiceItem("Q: 2+2? A. 4 B. 5\nAnswer: ", ["A", "B"], 0, None, 1),
              MultipleChoiceItem("Q: sky? A. red B. blue C. green\nAnswer: ", ["A", "B", "C"], 1, None, 2),

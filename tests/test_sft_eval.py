@@ -13,13 +13,13 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from renyi_lora.cli import main
-from renyi_lora.data import load_sft_dataset
+from renyi_lora.data.sft import load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.evaluate import MultipleChoiceItem, evaluate_multiple_choice
-from renyi_lora.inference import encode_prompt
+from renyi_lora.evaluation.inference import encode_prompt
+from renyi_lora.evaluation.multiple_choice import MultipleChoiceItem, evaluate_multiple_choice
+from renyi_lora.evaluation.routing import prompt_log_weights
+from renyi_lora.evaluation.sequences import evaluate_sft, sft_metrics
 from renyi_lora.likelihoods import IGNORE_INDEX
-from renyi_lora.routing import prompt_log_weights
-from renyi_lora.sft_eval import evaluate_sft, sft_metrics
 from renyi_lora.uncertainty import normalized_mutual_information
 
 PI = [0.5, 0.3, 0.2]

@@ -1,4 +1,4 @@
-"""renyi_lora.sources: data files, datasets objects, saved dataset folders, data-file folders, hub ids, lists."""
+"""renyi_lora.data.sources: data files, datasets objects, saved dataset folders, data-file folders, hub ids, lists."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from renyi_lora.records import DataError
-from renyi_lora.sources import check_source, read_source, source_kind
+from renyi_lora.data.records import DataError
+from renyi_lora.data.sources import check_source, read_source, source_kind
 
 datasets = pytest.importorskip("datasets")
 
@@ -162,7 +162,7 @@ def test_unsupported_sources():
 def test_reading_files_does_not_import_datasets(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "x"}\n', encoding="utf-8")
-    code = ("import sys; from renyi_lora.sources import check_source, read_source; "
+    code = ("import sys; from renyi_lora.data.sources import check_source, read_source; "
             f"assert read_source({str(path)!r})[2] == [(1, {{'text': 'x'}})]; check_source({str(path)!r}); "
             "check_source('trl-lib/Capybara'); assert 'datasets' not in sys.modules, 'datasets imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

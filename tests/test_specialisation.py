@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import answer_records, make_trainer
 
-from renyi_lora.data import SFTCollator
+from renyi_lora.data.sft import SFTCollator
 from renyi_lora.objective import responsibilities
 
 

@@ -11,13 +11,13 @@ import torch
 from conftest import load_example
 from torch.func import functional_call
 
-from renyi_lora.curvature import (
+from renyi_lora.stability.curvature import (
     OutputLoglik,
     fisher_vector_product,
     gauss_newton_vector_product,
     hessian_vector_product,
 )
-from renyi_lora.stability import NotAMinimumError, critical_alpha
+from renyi_lora.stability.lanczos import NotAMinimumError, critical_alpha
 
 toy = load_example("toy_critical_alpha")
 

@@ -33,9 +33,9 @@ from benchmarks.quality.survey import (
 )
 from benchmarks.quality.survey_scoring import answer_log_probs, no_context_log_probs, score
 from renyi_lora.config import EnsembleConfig
-from renyi_lora.data import load_sft_dataset
+from renyi_lora.data.sft import load_sft_dataset
 from renyi_lora.ensemble import LoraEnsemble
-from renyi_lora.inference import pad_right
+from renyi_lora.evaluation.inference import pad_right
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ from transformers import HfArgumentParser, TrainerCallback
 
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.io import CONFIG_NAME, read_ensemble_config, save_ensemble
-from renyi_lora.train import RenyiConfig
+from renyi_lora.training.trainer import RenyiConfig
 
 INF = float("inf")
 RECORDS = [{"prompt": f"q{i}:", "completion": f" a{i % 3}b", "group": f"g{i % 2}"} for i in range(8)]

@@ -18,11 +18,11 @@ import pytest
 import torch
 from conftest import make_llama, make_tokenizer
 
-from renyi_lora.data import SFTCollator, load_sft_dataset
+from renyi_lora.data.sft import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.objective import gradient_weights, renyi_loss, routed_loss
-from renyi_lora.train import RenyiConfig, RenyiTrainer
-from renyi_lora.upkeep import clone_member, dead_members, split_weights
+from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer
+from renyi_lora.training.upkeep import clone_member, dead_members, split_weights
 
 
 def test_gradient_weights_floor_is_the_gradient_of_the_mixed_objective():

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from renyi_lora.records import DataError
+from renyi_lora.data.records import DataError
 
 from .sources import (
     MC_SETS,

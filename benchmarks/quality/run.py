@@ -32,14 +32,19 @@ import torch
 from transformers import HfArgumentParser
 
 from benchmarks.quality.trunk import TrunkStates, truncated_model
-from renyi_lora.data import SFTCollator, load_sft_dataset
+from renyi_lora.data.sft import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble, load_adapter_mixture
-from renyi_lora.evaluate import encode_choices, evaluate_multiple_choice, load_multiple_choice, ood_detection
-from renyi_lora.inference import encode_prompt
+from renyi_lora.evaluation.inference import encode_prompt
+from renyi_lora.evaluation.multiple_choice import (
+    encode_choices,
+    evaluate_multiple_choice,
+    load_multiple_choice,
+    ood_detection,
+)
+from renyi_lora.evaluation.plots import mi_histogram, reliability_diagram, risk_coverage_plot, routing_heatmap
 from renyi_lora.io import export_peft
 from renyi_lora.models import load_model_and_tokenizer
-from renyi_lora.plots import mi_histogram, reliability_diagram, risk_coverage_plot, routing_heatmap
-from renyi_lora.train import RenyiConfig, RenyiTrainer
+from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer
 from renyi_lora.uncertainty import risk_coverage_curve
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from renyi_lora.records import DataError
+from renyi_lora.data.records import DataError
 
 
 @dataclass(frozen=True)

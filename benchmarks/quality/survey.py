@@ -31,9 +31,9 @@ from pathlib import Path
 import pandas as pd
 from transformers import AutoTokenizer
 
-from renyi_lora.data import Encoder
+from renyi_lora.data.records import DataError
+from renyi_lora.data.sft import Encoder
 from renyi_lora.models import EMBEDDED, cache_dir, load_tokenizer
-from renyi_lora.records import DataError
 
 from .build_data import rng, write_jsonl
 from .sources import describe_source, source_path

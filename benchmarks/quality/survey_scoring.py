@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from renyi_lora.ensemble import LoraEnsemble
-from renyi_lora.inference import pad_right
+from renyi_lora.evaluation.inference import pad_right
 
 from .survey import RespondentEncoder, Survey
 from .survey_metrics import MixtureScores, Respondents

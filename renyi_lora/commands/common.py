@@ -1,5 +1,5 @@
 """What the commands share: the base-model flags (the one loader of a model and its adapters for inference is
-``renyi_lora.inference.load_for_inference``) and the weights of ``--route_examples``."""
+``renyi_lora.evaluation.inference.load_for_inference``) and the weights of ``--route_examples``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from renyi_lora.evaluation.routing import posterior_weights
 from renyi_lora.models import DEFAULT_MODEL
-from renyi_lora.routing import posterior_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -12,10 +12,10 @@ import torch
 
 from renyi_lora.commands.common import ModelArguments
 from renyi_lora.config import EnsembleConfig
-from renyi_lora.critical import WELL_SPECIFIED, CriticalAlphaResult, estimate_critical_alpha
-from renyi_lora.data import load_sft_dataset
+from renyi_lora.data.sft import load_sft_dataset
 from renyi_lora.models import check_model_exists, load_tokenizer
-from renyi_lora.stability import StabilityResult
+from renyi_lora.stability.critical import WELL_SPECIFIED, CriticalAlphaResult, estimate_critical_alpha
+from renyi_lora.stability.lanczos import StabilityResult
 
 
 @dataclass

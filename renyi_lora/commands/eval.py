@@ -1,7 +1,7 @@
 """``renyi-lora eval``: evaluation of an ensemble, of adapters trained elsewhere, or of the base model, on
 multiple-choice data (calibration, uncertainty, routing; out-of-distribution detection when ``--ood_data`` is given)
 or on held-out SFT data (the NLL of the mixture and of each member, routing by group and its NMI,
-``renyi_lora.sft_eval``), whichever the file's first record is."""
+``renyi_lora.evaluation.sequences``), whichever the file's first record is."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from renyi_lora.commands.common import ROUTE_EXAMPLES_HELP, ModelArguments, route_weights
-from renyi_lora.evaluate import evaluate_multiple_choice, load_multiple_choice, ood_detection
-from renyi_lora.inference import load_for_inference
-from renyi_lora.plots import mi_histogram, risk_coverage_plot
-from renyi_lora.records import SFT_FORMATS
-from renyi_lora.report import format_table, results_table, sft_results_table, write_report, write_sft_report
-from renyi_lora.sft_eval import eval_data_format, evaluate_sft
-from renyi_lora.sources import read_typed_records
+from renyi_lora.data.records import SFT_FORMATS
+from renyi_lora.data.sources import read_typed_records
+from renyi_lora.evaluation.inference import load_for_inference
+from renyi_lora.evaluation.multiple_choice import evaluate_multiple_choice, load_multiple_choice, ood_detection
+from renyi_lora.evaluation.plots import mi_histogram, risk_coverage_plot
+from renyi_lora.evaluation.report import format_table, results_table, sft_results_table, write_report, write_sft_report
+from renyi_lora.evaluation.sequences import eval_data_format, evaluate_sft
 from renyi_lora.uncertainty import risk_coverage_curve
 
 
@@ -113,7 +113,7 @@ def run_eval(args: EvalArguments) -> dict:
 
 
 def run_sft_eval(args: EvalArguments) -> dict:
-    """``renyi-lora eval`` on SFT data (``renyi_lora.sft_eval.evaluate_sft``)."""
+    """``renyi-lora eval`` on SFT data (``renyi_lora.evaluation.sequences.evaluate_sft``)."""
     if args.ood_data or args.length_normalize or args.input_scores:
         flag = "--ood_data" if args.ood_data else "--length_normalize" if args.length_normalize else "--input_scores"
         raise ValueError(f"{flag} applies to multiple-choice data; {args.data} holds SFT records (the report gives the "

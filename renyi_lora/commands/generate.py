@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from renyi_lora.commands.common import ROUTE_EXAMPLES_HELP, ModelArguments, route_weights
-from renyi_lora.generate import GenerationResult, Mixture, Mode, check_generation, generate
-from renyi_lora.inference import Prompt, load_for_inference
-from renyi_lora.records import SFT_FORMATS
-from renyi_lora.report import format_number
-from renyi_lora.sources import read_typed_records
+from renyi_lora.data.records import SFT_FORMATS
+from renyi_lora.data.sources import read_typed_records
+from renyi_lora.evaluation.generate import GenerationResult, Mixture, Mode, check_generation, generate
+from renyi_lora.evaluation.inference import Prompt, load_for_inference
+from renyi_lora.evaluation.report import format_number
 
 
 @dataclass

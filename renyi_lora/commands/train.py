@@ -19,11 +19,11 @@ import torch
 
 from renyi_lora.commands.common import ModelArguments
 from renyi_lora.config import RenyiConfig
+from renyi_lora.data.sources import check_source
 from renyi_lora.io import checkpoint_problem, last_complete_checkpoint
 from renyi_lora.models import check_quantization
-from renyi_lora.preference import RenyiDPOTrainer
-from renyi_lora.sources import check_source
-from renyi_lora.train import RenyiTrainer
+from renyi_lora.training.dpo import RenyiDPOTrainer
+from renyi_lora.training.trainer import RenyiTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,11 @@ words they were trained to emit.
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from renyi_lora.demo.data import write_jsonl
 
 QUESTIONS_FILE = Path("test") / "test_data" / "questions-words.txt"
 INSTALL_HINT = "pip install --no-deps gensim"
@@ -154,13 +155,6 @@ def build_analogy_data(analogies: dict[str, list[Analogy]], seed: int = 0, train
             raise ValueError(f"category {category!r}: only {len(items)} test questions; asked for {test_per_group}")
         multiple_choice += items
     return sft, multiple_choice
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    """One JSON object per line; creates the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def write_analogy_data(directory: str | Path, seed: int = 0, train_per_group: int = 24, test_per_group: int = 12,

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from renyi_lora.data import load_sft_dataset
+from renyi_lora.data.sft import load_sft_dataset
 from renyi_lora.demo.analogies import write_analogy_data
 from renyi_lora.demo.training import DemoArguments, train_ensemble
-from renyi_lora.evaluate import evaluate_multiple_choice, load_multiple_choice
+from renyi_lora.evaluation.multiple_choice import evaluate_multiple_choice, load_multiple_choice
+from renyi_lora.evaluation.plots import routing_heatmap
+from renyi_lora.evaluation.report import format_table
 from renyi_lora.models import load_model_and_tokenizer
-from renyi_lora.plots import routing_heatmap
-from renyi_lora.report import format_table
 
 METRICS = ("accuracy", "ece", "nll", "brier")
 

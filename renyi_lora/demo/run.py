@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from renyi_lora.data import load_sft_dataset
+from renyi_lora.data.sft import load_sft_dataset
 from renyi_lora.demo.data import CONFLICTING, CONSISTENT, ONE_DECISION, write_demo_data
 from renyi_lora.demo.real_text import run_real_text
 from renyi_lora.demo.training import DemoArguments, train_ensemble
 from renyi_lora.ensemble import LoraEnsemble
-from renyi_lora.evaluate import evaluate_multiple_choice, load_multiple_choice
-from renyi_lora.generate import generate
+from renyi_lora.evaluation.generate import generate
+from renyi_lora.evaluation.multiple_choice import evaluate_multiple_choice, load_multiple_choice
+from renyi_lora.evaluation.plots import bar_chart, routing_heatmap
+from renyi_lora.evaluation.report import format_number, format_table
 from renyi_lora.models import load_model_and_tokenizer
-from renyi_lora.plots import bar_chart, routing_heatmap
-from renyi_lora.report import format_number, format_table
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from typing import Literal
 import torch
 
 from renyi_lora.config import RenyiConfig
-from renyi_lora.data import SFTCollator
+from renyi_lora.data.sft import SFTCollator
 from renyi_lora.demo.analogies import questions_path
 from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.models import DEFAULT_MODEL, load_model_and_tokenizer
-from renyi_lora.train import RenyiTrainer
+from renyi_lora.training.trainer import RenyiTrainer
 
 
 @dataclass

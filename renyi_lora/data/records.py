@@ -7,7 +7,7 @@ Formats (the first record decides a file's format; a later record of another for
 - SFT ``{"messages": [...]}``: a conversation; only assistant turns are targets.
 - SFT ``{"text"}``: every token is a target.
 - Preference ``{"prompt", "chosen", "rejected"}`` and multiple choice ``{"prompt", "choices", "answer"}``:
-  see ``renyi_lora.preference_data`` and ``renyi_lora.evaluate``.
+  see ``renyi_lora.data.preference`` and ``renyi_lora.evaluation.multiple_choice``.
 
 Any record may carry ``"group"`` (a non-empty string, or an int turned into its string; null = none),
 which is kept for routing reports. Fields that belong to another format are an error; fields no format

@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from renyi_lora.curvature import (
+from renyi_lora.stability.curvature import (
     LoglikFn,
     OutputLoglik,
     Params,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from renyi_lora.curvature import LoglikFn, Params
+from renyi_lora.stability.curvature import LoglikFn, Params
 
 
 @dataclass

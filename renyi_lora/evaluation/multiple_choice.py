@@ -7,7 +7,7 @@ log-softmax over an item's choices gives member distributions ``[K, N, C]`` (ite
 padded with -inf, probability 0), mixed with weights ``pi`` (the ensemble's saved mixture weights by default). The
 posterior routing of an item is ``w_k ∝ pi_k p_k(correct | prompt)`` (the alpha = 1 responsibility). With
 ``route_on_prompt`` each item's weights are first the posterior given its prompt, ``pi_k p_k(prompt)`` normalised
-(``renyi_lora.routing``), as ``renyi-lora generate --route_on_prompt`` weighs the members.
+(``renyi_lora.evaluation.routing``), as ``renyi-lora generate --route_on_prompt`` weighs the members.
 
 ``base_only`` runs the same code with the adapters disabled (K = 1); a subset of a saved ensemble is
 evaluated by loading only those members (``LoraEnsemble.from_pretrained(..., members=[...])``), so single
@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from renyi_lora.inference import encode_pair, encode_prompt, pad_right
+from renyi_lora.data.records import DataError, check_group, check_string, describe
+from renyi_lora.data.sources import read_typed_records
+from renyi_lora.evaluation.inference import encode_pair, encode_prompt, pad_right
+from renyi_lora.evaluation.ood import INPUT_SCORES, detection_aurocs, prompt_scores
+from renyi_lora.evaluation.routing import pad_id, prompt_log_weights
+from renyi_lora.evaluation.scoring import next_token_logliks, shared_prompt_logliks
+from renyi_lora.evaluation.token_uncertainty import prior_log_weights
 from renyi_lora.likelihoods import sequence_loglik
 from renyi_lora.objective import responsibilities
-from renyi_lora.ood import INPUT_SCORES, detection_aurocs, prompt_scores
-from renyi_lora.records import DataError, check_group, check_string, describe
-from renyi_lora.routing import pad_id, prompt_log_weights
-from renyi_lora.scoring import next_token_logliks, shared_prompt_logliks
-from renyi_lora.sources import read_typed_records
-from renyi_lora.token_uncertainty import prior_log_weights
 from renyi_lora.uncertainty import (
     accuracy,
     accuracy_at_coverage,
@@ -266,7 +266,7 @@ def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokeni
     (see ``multiple_choice_metrics``), ``groups`` (the same per group), ``mean_mi_by_group``, ``routing_matrix``
     ``{"groups", "members", "matrix" [G][K]}`` and one record per item in ``items`` (its prompt, every member's
     probabilities, the mixture's, its uncertainty and, with ``input_scores``, the members' disagreement on the
-    prompt's own tokens, ``renyi_lora.ood.prompt_scores``), enough to recompute any score without the model.
+    prompt's own tokens, ``renyi_lora.evaluation.ood.prompt_scores``), enough to recompute any score without the model.
     """
     if not items:
         raise ValueError("no items to evaluate")

@@ -1,7 +1,7 @@
 """Where training data comes from: a data file, a ``datasets`` object, a saved dataset folder, a hub id or a list.
 
 ``read_source`` turns each into ``(source_name, unit, [(number, record), ...])``, the shape of
-``renyi_lora.records.read_records`` plus the name and unit that error messages (``Location``) need:
+``renyi_lora.data.records.read_records`` plus the name and unit that error messages (``Location``) need:
 
 - a ``.jsonl`` / ``.json`` / ``.parquet`` file: ``read_records`` (unit ``line`` / ``item`` / ``row``);
 - a ``datasets.Dataset`` (or ``IterableDataset``): unit ``row``, numbered from 1, named
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from renyi_lora.records import (
+from renyi_lora.data.records import (
     FORMAT_FIELDS,
     KNOWN_FIELDS,
     RECORD_UNITS,

@@ -33,13 +33,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from renyi_lora.curvature import OutputLoglik, Params
-from renyi_lora.data import SFTCollator, TokenizedDataset, load_sft_dataset
+from renyi_lora.data.sft import SFTCollator, TokenizedDataset, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
 from renyi_lora.likelihoods import sequence_loglik, token_logliks
 from renyi_lora.models import check_model_exists, load_tokenizer, resolve_model_path
-from renyi_lora.refine import RefineResult, refine_point
-from renyi_lora.stability import NotAMinimumError, StabilityResult, critical_alpha
+from renyi_lora.stability.curvature import OutputLoglik, Params
+from renyi_lora.stability.lanczos import NotAMinimumError, StabilityResult, critical_alpha
+from renyi_lora.stability.refine import RefineResult, refine_point
 
 WELL_SPECIFIED = 0.01  # |alpha* - 1| below this reads as the well-specified boundary (docs/critical_alpha.md)
 NOT_FITTED = ("no adapters given: the point is the base model (a fresh adapter with B = 0), which is not a fitted "

@@ -21,9 +21,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from renyi_lora import prepare
 from renyi_lora.config import RenyiConfig
-from renyi_lora.data import SFTCollator, load_sft_dataset
+from renyi_lora.data.sft import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.io import last_complete_checkpoint
 from renyi_lora.likelihoods import IGNORE_INDEX, sequence_loglik
@@ -35,8 +34,9 @@ from renyi_lora.objective import (
     routed_loss,
     weighted_loglik_loss,
 )
-from renyi_lora.outputs import SavingMixin, routing_summary
-from renyi_lora.upkeep import MemberUpkeep, set_weights
+from renyi_lora.training import prepare
+from renyi_lora.training.outputs import SavingMixin, routing_summary
+from renyi_lora.training.upkeep import MemberUpkeep, set_weights
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class RenyiTrainer(SavingMixin, Trainer):
         ``args`` or by ``peft_config`` (a ``peft.LoraConfig``), or come from a saved ensemble folder (``adapters``).
         ``train_dataset`` / ``eval_dataset``: a data file, a ``datasets`` object or folder, a hub dataset id (with
         ``dataset_split`` / ``dataset_config``), a list of dicts (TRL's formats), or tokenised examples. Data and
-        target modules are checked before the base model's weights load (``renyi_lora.prepare``)."""
+        target modules are checked before the base model's weights load (``renyi_lora.training.prepare``)."""
         args = args if args is not None else self.default_config()
         data_names = [str(data) for data in (train_dataset, eval_dataset) if isinstance(data, (str, os.PathLike))]
         tokenizer = processing_class

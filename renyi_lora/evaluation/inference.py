@@ -1,7 +1,7 @@
 """Inference plumbing shared by evaluation, scoring, uncertainty, generation and the commands: loading a model with its
 adapters, prompt encoding, row padding and the KV-cached forward of all K members.
 
-Tokenisation follows ``renyi_lora.data``: a plain prompt gets the tokenizer's BOS (if it adds one) and no special
+Tokenisation follows ``renyi_lora.data.sft``: a plain prompt gets the tokenizer's BOS (if it adds one) and no special
 tokens otherwise; a prompt given as a list of messages is rendered with the chat template and its generation prompt;
 a completion's ids are those of ``prompt + completion`` after the prompt's (tokenised separately if the tokenizer
 merges across the boundary). Nothing (no EOS) is appended to a completion.
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from renyi_lora.config import EnsembleConfig
-from renyi_lora.data import Encoder, pad_rows
+from renyi_lora.data.sft import Encoder, pad_rows
 from renyi_lora.ensemble import LoraEnsemble, load_adapter_mixture
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import check_model_exists, load_model_and_tokenizer, resolve_device

@@ -2,11 +2,11 @@
 the routing follows the groups.
 
 For example n with targets y (the completion, the assistant turns or the text, tokenised as in training,
-``renyi_lora.data``) and member log-likelihoods ``L[k, n] = log p_k(y | x)``:
+``renyi_lora.data.sft``) and member log-likelihoods ``L[k, n] = log p_k(y | x)``:
 
 - the mixture's log-likelihood ``log sum_k w_k p_k(y | x)`` (a logsumexp of ``L + log w``), where ``w`` is the
   prior pi (``--weights``, else the ensemble's saved mixture weights), or with ``route_on_prompt`` the posterior
-  given the prompt, ``w_k ∝ pi_k p_k(prompt)`` (``renyi_lora.routing``);
+  given the prompt, ``w_k ∝ pi_k p_k(prompt)`` (``renyi_lora.evaluation.routing``);
 - the responsibilities, the posterior over members given the whole example, ``r_k ∝ w_k p_k(y | x)``;
 - summaries: the mean NLL per example and per token of the mixture and of each member, the same per group, the
   mean responsibility of each member for each group (the group x member routing matrix) and the normalised mutual
@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from renyi_lora.data import load_sft_dataset
-from renyi_lora.records import SFT_FORMATS, check_group
-from renyi_lora.routing import example_logliks, pad_id, routed_log_weights
-from renyi_lora.sources import read_typed_records
-from renyi_lora.token_uncertainty import prior_log_weights
+from renyi_lora.data.records import SFT_FORMATS, check_group
+from renyi_lora.data.sft import load_sft_dataset
+from renyi_lora.data.sources import read_typed_records
+from renyi_lora.evaluation.multiple_choice import NO_GROUP
+from renyi_lora.evaluation.routing import example_logliks, pad_id, routed_log_weights
+from renyi_lora.evaluation.token_uncertainty import prior_log_weights
 from renyi_lora.uncertainty import normalized_mutual_information
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
     from renyi_lora.ensemble import LoraEnsemble
 
-NO_GROUP = "(none)"  # as renyi_lora.evaluate's routing matrix
 
 
 def eval_data_format(source: Any, split: str | None = None, config: str | None = None) -> str:
@@ -115,10 +115,10 @@ def evaluate_sft(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, sou
     """Evaluate the ensemble (or the base model alone, ``base_only``) on SFT examples (module docstring).
 
     Args:
-        source: SFT data as ``renyi_lora.data.load_sft_dataset`` reads it (a file, a list of dicts, a dataset;
+        source: SFT data as ``renyi_lora.data.sft.load_sft_dataset`` reads it (a file, a list of dicts, a dataset;
             ``split`` / ``config`` for datasets), each record with an optional ``group``.
         weights: the prior pi, one per member (normalised); the ensemble's saved mixture weights if None. Pass
-            ``renyi_lora.routing.posterior_weights`` of a user's examples to score for that user.
+            ``renyi_lora.evaluation.routing.posterior_weights`` of a user's examples to score for that user.
         route_on_prompt: weigh the members of each example by ``pi_k p_k(prompt)`` before scoring its targets.
         member_ids: the saved indices of the members evaluated (for the report); ``0..K-1`` if None.
         max_length: tokens per example; a longer one loses completion tokens from the right (``num_truncated``).

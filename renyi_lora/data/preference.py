@@ -1,7 +1,7 @@
 """Preference (DPO) data: reading, validation, tokenisation and collation.
 
-Format (TRL's; files, errors and groups as in ``renyi_lora.records``, tokenisation and truncation as in
-``renyi_lora.data``):
+Format (TRL's; files, errors and groups as in ``renyi_lora.data.records``, tokenisation and truncation as in
+``renyi_lora.data.sft``):
 
 - Preference ``{"prompt", "chosen", "rejected"}``: three strings, or a prompt message list and chosen /
   rejected lists of assistant turns. Chosen and rejected must differ. Each of prompt + chosen and
@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from renyi_lora.data import Encoder, TokenizedDataset, check_max_length, check_pad_token_id, pad_rows, truncate
-from renyi_lora.records import GroupIndex, check_group, check_prompt_style, check_response, describe
-from renyi_lora.sources import read_typed_records
+from renyi_lora.data.records import GroupIndex, check_group, check_prompt_style, check_response, describe
+from renyi_lora.data.sft import Encoder, TokenizedDataset, check_max_length, check_pad_token_id, pad_rows, truncate
+from renyi_lora.data.sources import read_typed_records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 def load_preference_dataset(source: Any, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024,
                             split: str | None = None, config: str | None = None) -> TokenizedDataset:
-    """Read, validate and tokenise preference data (any source of ``renyi_lora.sources``) into ``chosen_*`` /
+    """Read, validate and tokenise preference data (any source of ``renyi_lora.data.sources``) into ``chosen_*`` /
     ``rejected_*`` examples.
 
     Warns (once) if truncation leaves some examples with identical chosen and rejected ids, which give

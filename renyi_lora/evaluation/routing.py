@@ -13,7 +13,7 @@ members by how well each explained it:
   scores or generates next: personalisation without retraining, and a handful of examples is often enough, because
   a sequence log-likelihood differs between specialists by many nats.
 
-Examples are scored as in training (``renyi_lora.data.load_sft_dataset``: TRL's formats, EOS appended to a plain
+Examples are scored as in training (``renyi_lora.data.sft.load_sft_dataset``: TRL's formats, EOS appended to a plain
 completion), so a member's log-likelihood here is the one the objective saw.
 """
 
@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from renyi_lora.data import TokenizedDataset, load_sft_dataset, pad_rows
-from renyi_lora.inference import pad_right
+from renyi_lora.data.sft import TokenizedDataset, load_sft_dataset, pad_rows
+from renyi_lora.evaluation.inference import pad_right
+from renyi_lora.evaluation.token_uncertainty import prior_log_weights
 from renyi_lora.likelihoods import IGNORE_INDEX, sequence_loglik
 from renyi_lora.objective import responsibilities
-from renyi_lora.token_uncertainty import prior_log_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,7 +60,7 @@ def routed_log_weights(prompt_loglik: torch.Tensor, log_prior: torch.Tensor, alp
 
 
 class ExampleLogliks(NamedTuple):
-    """Member log-likelihoods of tokenised examples (``renyi_lora.data`` examples: ``input_ids``, ``labels``)."""
+    """Member log-likelihoods of tokenised examples (``renyi_lora.data.sft`` examples: ``input_ids``, ``labels``)."""
 
     completion: torch.Tensor  # [K, N] float64: of the targets (the completion, the assistant turns, the text)
     prompt: torch.Tensor | None  # [K, N] float64: of the tokens before the first target, after the first token
@@ -119,7 +119,7 @@ def posterior_weights(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase
     Args:
         ensemble: the ensemble (K members; under ``adapters_disabled()`` K = 1 and w = [1]).
         tokenizer: its tokenizer.
-        examples: SFT examples in any form ``renyi_lora.data.load_sft_dataset`` reads (a ``.jsonl`` / ``.json`` /
+        examples: SFT examples in any form ``renyi_lora.data.sft.load_sft_dataset`` reads (a ``.jsonl`` / ``.json`` /
             ``.parquet`` file of ``{prompt, completion}``, ``{messages}`` or ``{text}`` records, a list of such
             dicts, a ``datasets.Dataset``), or an already tokenised ``TokenizedDataset``.
         weights: the prior pi (normalised); the ensemble's saved mixture weights if None.

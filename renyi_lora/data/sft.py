@@ -1,4 +1,4 @@
-"""Training data: records (``renyi_lora.records``) tokenised and collated.
+"""Training data: records (``renyi_lora.data.records``) tokenised and collated.
 
 Tokenisation (TRL's conventions, one rule for every tokenizer):
 
@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from renyi_lora.likelihoods import IGNORE_INDEX
-from renyi_lora.records import (
+from renyi_lora.data.records import (
     SFT_FORMATS,
     GroupIndex,
     Location,
@@ -41,7 +40,8 @@ from renyi_lora.records import (
     check_string,
     one_line,
 )
-from renyi_lora.sources import read_typed_records
+from renyi_lora.data.sources import read_typed_records
+from renyi_lora.likelihoods import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -185,7 +185,7 @@ class TokenizedDataset(Dataset):
 def load_sft_dataset(source: Any, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024,
                      split: str | None = None, config: str | None = None) -> TokenizedDataset:
     """Read, validate and tokenise SFT data (prompt-completion, messages or text records) from a file, a ``datasets``
-    object or folder, a hub dataset id (``split``, ``config``) or a list of dicts (``renyi_lora.sources``)."""
+    object or folder, a hub dataset id (``split``, ``config``) or a list of dicts (``renyi_lora.data.sources``)."""
     check_max_length(max_length)
     encoder, groups = Encoder(tokenizer), GroupIndex()
     examples, num_truncated, style = [], 0, None

@@ -17,22 +17,21 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
+from transformers import Trainer
 
 from renyi_lora.io import export_all_peft, load_adapter_weights, save_ensemble
-from renyi_lora.model_card import SUMMARY_NAME, push_to_hub, write_model_card
-
-RenyiTrainer = Any  # renyi_lora.train.RenyiTrainer, which imports this module (annotations only)
+from renyi_lora.training.model_card import SUMMARY_NAME, push_to_hub, write_model_card
 
 logger = logging.getLogger(__name__)
 
 
-def _last_log(trainer: RenyiTrainer, key: str) -> dict[str, Any]:
+def _last_log(trainer: Trainer, key: str) -> dict[str, Any]:
     """The last ``log_history`` entry holding ``key`` (the Trainer's final train metrics, the last evaluation)."""
     return next((dict(entry) for entry in reversed(trainer.state.log_history) if key in entry), {})
 
 
 @torch.no_grad()
-def routing_summary(trainer: RenyiTrainer, dataset: Dataset) -> dict:
+def routing_summary(trainer: Trainer, dataset: Dataset) -> dict:
     """Mean responsibility and mean NLL of each member per group over ``dataset`` (``"all"`` if there are no groups),
     and each member's mean responsibility over the examples with a group (``load``, [K]).
 
@@ -74,7 +73,7 @@ def routing_summary(trainer: RenyiTrainer, dataset: Dataset) -> dict:
     }
 
 
-def training_summary(trainer: RenyiTrainer) -> dict[str, Any]:
+def training_summary(trainer: Trainer) -> dict[str, Any]:
     """The run in numbers: data, final metrics, configuration, skipped steps and the routing table (see
     ``RenyiTrainer.routing_summary``; at K = 1, or with ``routing_summary=False``, no second pass is made)."""
     args, dataset = trainer.args, trainer.train_dataset
@@ -97,7 +96,7 @@ def training_summary(trainer: RenyiTrainer) -> dict[str, Any]:
     return summary
 
 
-def write_outputs(trainer: RenyiTrainer, output_dir: str | Path) -> dict[str, Any]:
+def write_outputs(trainer: Trainer, output_dir: str | Path) -> dict[str, Any]:
     """Write the PEFT exports, ``train_summary.json`` and the model card next to the saved ensemble; returns the
     summary (on every process)."""
     summary = training_summary(trainer)
@@ -129,8 +128,8 @@ class SavingMixin:
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (``_internal_call``): the adapters. Called by the user after ``train()``: the run's outputs
-        (``renyi_lora.outputs``): ensemble, PEFT exports, ``train_summary.json``, model card; pushed to the Hub with
-        ``push_to_hub``. Every process must call it (the routing summary is all-reduced)."""
+        (``renyi_lora.training.outputs``): ensemble, PEFT exports, ``train_summary.json``, model card; pushed to the
+        Hub with ``push_to_hub``. Every process must call it (the routing summary is all-reduced)."""
         super().save_model(output_dir, _internal_call=True)
         if not _internal_call:
             self.summary = write_outputs(self, output_dir or self.args.output_dir)

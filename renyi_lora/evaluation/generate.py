@@ -9,7 +9,7 @@ Modes:
     ``w_k(t) ∝ w_k p_k(y_<t | x)``: the weights follow each member's fit to the tokens generated so far (Bayes'
     rule). This is the sequence mixture ``p(y | x) = sum_k w_k p_k(y | x)`` decoded token by token: the product of
     the step probabilities of a continuation is exactly its probability under the mixture that ``renyi-lora eval``
-    scores and lm-eval's ``renyi`` model reports (``renyi_lora.harness``), so all three share one predictive.
+    scores and lm-eval's ``renyi`` model reports (``renyi_lora.evaluation.harness``), so all three share one predictive.
   - ``"token"``: the fixed-weight token mixture ``sum_k w_k p_k(. | x, y_<t)`` at every step. Members never drop
     out, so a continuation can switch between members' conventions mid-sentence; it is not the distribution of any
     one sequence mixture.
@@ -23,8 +23,8 @@ Modes:
 The weights ``w`` start from ``weights`` (normalised), else the ensemble's saved mixture weights pi
 (``LoraEnsemble.mixture_weights``). ``route_on_prompt`` replaces them by the posterior given the prompt,
 ``w_k ∝ pi_k p_k(prompt)^alpha`` (alpha = 1: Bayes' rule for the mixture; alpha = 0: the prior; alpha = inf: the
-best member), and ``renyi_lora.routing.posterior_weights`` gives the posterior given a user's own examples, to pass
-as ``weights`` (see ``renyi_lora.routing``).
+best member), and ``renyi_lora.evaluation.routing.posterior_weights`` gives the posterior given a user's own
+examples, to pass as ``weights`` (see ``renyi_lora.evaluation.routing``).
 
 Each token records ``prob`` (its probability under the distribution it was drawn from, before temperature
 and top-p) and ``mi`` / ``entropy`` (epistemic / total uncertainty of the mixture with the prompt's weights ``w``
@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from renyi_lora.inference import IncrementalForward, Prompt, encode_prompt, left_pad, pad_right
-from renyi_lora.routing import prompt_log_weights
-from renyi_lora.token_uncertainty import completion_scores, decompose_rows, prior_log_weights
+from renyi_lora.evaluation.inference import IncrementalForward, Prompt, encode_prompt, left_pad, pad_right
+from renyi_lora.evaluation.routing import prompt_log_weights
+from renyi_lora.evaluation.token_uncertainty import completion_scores, decompose_rows, prior_log_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

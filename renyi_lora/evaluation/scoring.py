@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from renyi_lora.inference import IncrementalForward, left_pad, pad_right
+from renyi_lora.evaluation.inference import IncrementalForward, left_pad, pad_right
 
 if TYPE_CHECKING:
     from renyi_lora.ensemble import LoraEnsemble

@@ -9,7 +9,7 @@ chunks, so memory is ``O(K * chunk * V)`` rather than ``O(K * B * T * V)``.
 Weights may differ per example (``[K, B]``, e.g. a posterior given the prompt), which is why the
 decomposition here takes per-row weights (``uncertainty.decompose_uncertainty`` takes one ``[K]``).
 
-Tokenisation follows ``renyi_lora.data``: a plain prompt gets the tokenizer's BOS (if it adds one) and no
+Tokenisation follows ``renyi_lora.data.sft``: a plain prompt gets the tokenizer's BOS (if it adds one) and no
 special tokens otherwise; a prompt given as a list of messages is rendered with the chat template and its
 generation prompt; a completion's ids are those of ``prompt + completion`` after the prompt's (tokenised
 separately if the tokenizer merges across the boundary). Nothing (no EOS) is appended to a completion.
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from renyi_lora.inference import Prompt, encode_pair, pad_right
+from renyi_lora.evaluation.inference import Prompt, encode_pair, pad_right
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.uncertainty import Uncertainty, broadcast_log_weights, entropy
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from renyi_lora.plots import mi_histogram, reliability_diagram, routing_heatmap
+from renyi_lora.evaluation.plots import mi_histogram, reliability_diagram, routing_heatmap
 
 
 def format_number(value) -> str:

@@ -1,8 +1,8 @@
 """Out-of-distribution detection from the members' disagreement.
 
 Two kinds of per-item score. On the answer: the total entropy and the mutual information (MI) of the mixture
-over the item's choices (``renyi_lora.evaluate``). On the input: how much the members disagree about the prompt's
-own tokens, scored as if the prompt (after its first token) were a completion: the mean per-token MI of the
+over the item's choices (``renyi_lora.evaluation.multiple_choice``). On the input: how much the members disagree
+about the prompt's own tokens, scored as if the prompt (after its first token) were a completion: the mean per-token MI of the
 mixture's next-token distribution along the prompt (``prompt_mi``), and the spread across members of the mean
 token log-likelihood of the prompt (``prompt_spread``, a weighted standard deviation in nats per token). The
 answer scores need members that learned to disagree about answers; the input scores do not depend on the answer
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from renyi_lora.inference import Prompt, encode_prompt, pad_right
-from renyi_lora.token_uncertainty import completion_scores, prior_log_weights
+from renyi_lora.evaluation.inference import Prompt, encode_prompt, pad_right
+from renyi_lora.evaluation.token_uncertainty import completion_scores, prior_log_weights
 from renyi_lora.uncertainty import auroc
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+from renyi_lora.data.sources import HUB_ID
 from renyi_lora.io import CONFIG_NAME, WEIGHTS_NAME, read_ensemble_config
-from renyi_lora.sources import HUB_ID
 
 SUMMARY_NAME = "train_summary.json"
 CARD_NAME = "README.md"

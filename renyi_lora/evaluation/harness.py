@@ -2,12 +2,12 @@
 
 Importing this module registers the model with ``lm_eval.api.registry.register_model("renyi")``. From the shell::
 
-    python -m renyi_lora.harness --model renyi \\
+    python -m renyi_lora.evaluation.harness --model renyi \\
         --model_args pretrained=BASE,adapters=OUT \\
         --tasks hellaswag --batch_size 16
 
-``python -m renyi_lora.harness ARGS`` is lm-eval's own command line (``lm_eval ARGS``) with this module imported
-first. model_args:
+``python -m renyi_lora.evaluation.harness ARGS`` is lm-eval's own command line (``lm_eval ARGS``) with this module
+imported first. model_args:
 
 - ``pretrained``: the base model, as for ``renyi-lora`` (``smollm2-135m``, a local folder or a hub id).
 - ``adapters``: one saved ensemble folder (every member), or several folders separated by ``|``: saved ensembles
@@ -59,10 +59,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from renyi_lora.inference import load_for_inference, pad_right
+from renyi_lora.evaluation.inference import load_for_inference, pad_right
+from renyi_lora.evaluation.token_uncertainty import decompose_rows, prior_log_weights
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import resolve_device
-from renyi_lora.token_uncertainty import decompose_rows, prior_log_weights
 from renyi_lora.uncertainty import decompose_uncertainty, mixture_log_probs
 
 logger = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class RenyiLM(TemplateLM):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's command line with the ``renyi`` model registered: ``python -m renyi_lora.harness ARGS``."""
+    """lm-eval's command line with the ``renyi`` model registered: ``python -m renyi_lora.evaluation.harness ARGS``."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate
@@ -335,8 +335,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # Run as a script this file is the module ``__main__``; registering its class as well would clash with the
-    # importable ``renyi_lora.harness``'s, so the importable module registers the model and runs the CLI.
-    from renyi_lora.harness import main as _main
+    # importable ``renyi_lora.evaluation.harness``'s, so the importable module registers the model and runs the CLI.
+    from renyi_lora.evaluation.harness import main as _main
 
     _main()
 else:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from renyi_lora.config import EnsembleConfig, RenyiConfig
-from renyi_lora.data import TokenizedDataset
+from renyi_lora.data.sft import TokenizedDataset
 from renyi_lora.ensemble import LoraEnsemble, find_target_modules
 from renyi_lora.io import read_ensemble_config
 from renyi_lora.models import check_model_exists, load_model_and_tokenizer, load_tokenizer, resolve_model_path
@@ -121,8 +121,8 @@ def is_tokenized(*datasets: Any) -> bool:
 def prepare_dataset(data: Any, tokenizer: PreTrainedTokenizerBase, max_length: int,
                     loader: Callable[..., TokenizedDataset], split: str | None = None,
                     config: str | None = None) -> TokenizedDataset | None:
-    """Tokenised examples from ``data`` (see ``renyi_lora.sources``); a torch ``Dataset`` of tokenised examples (e.g.
-    a ``TokenizedDataset``) and None pass through."""
+    """Tokenised examples from ``data`` (see ``renyi_lora.data.sources``); a torch ``Dataset`` of tokenised examples
+    (e.g. a ``TokenizedDataset``) and None pass through."""
     if is_tokenized(data):
         return data
     return loader(data, tokenizer, max_length, split=split, config=config)

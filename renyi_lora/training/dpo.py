@@ -16,11 +16,11 @@ import torch
 from torch.nn import functional as F
 
 from renyi_lora.config import DPOConfig
+from renyi_lora.data.preference import PreferenceCollator, load_preference_dataset
 from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.likelihoods import sequence_loglik
 from renyi_lora.objective import renyi_loss
-from renyi_lora.preference_data import PreferenceCollator, load_preference_dataset
-from renyi_lora.train import RenyiTrainer
+from renyi_lora.training.trainer import RenyiTrainer
 
 
 def preference_loglik(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
