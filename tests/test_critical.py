@@ -1,6 +1,6 @@
 """renyi_lora.stability.critical: the member's log-likelihood through functional_call, alpha* ~ 1 where one adapter can
-fit the data, the ``renyi-lora critical-alpha`` command on a model folder, the refinement it runs first, and the Gauss-Newton
-curvature against the exact one."""
+fit the data, the ``renyi-lora critical-alpha`` command on a model folder, the refinement it runs first, and the
+Gauss-Newton curvature against the exact one."""
 
 from __future__ import annotations
 

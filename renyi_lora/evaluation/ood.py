@@ -2,8 +2,8 @@
 
 Two kinds of per-item score. On the answer: the total entropy and the mutual information (MI) of the mixture
 over the item's choices (``renyi_lora.evaluation.multiple_choice``). On the input: how much the members disagree
-about the prompt's own tokens, scored as if the prompt (after its first token) were a completion: the mean per-token MI of the
-mixture's next-token distribution along the prompt (``prompt_mi``), and the spread across members of the mean
+about the prompt's own tokens, scored as if the prompt (after its first token) were a completion: the mean per-token
+MI of the mixture's next-token distribution along the prompt (``prompt_mi``), and the spread across members of the mean
 token log-likelihood of the prompt (``prompt_spread``, a weighted standard deviation in nats per token). The
 answer scores need members that learned to disagree about answers; the input scores do not depend on the answer
 the members were trained to give, so they can flag an unseen input even where every member learned the same
