@@ -51,19 +51,26 @@ def step_cost(base, tokenizer, dataset, rounds: int) -> None:
     # [K, 1] nats behind member 0, as in the reported run (dead members' NLL 99-131 against 22): responsibilities
     # e^-80 ~ 2e-35 (normal), e^-95 ~ 5e-42 and e^-100 ~ 4e-44 (subnormal themselves).
     trailing = torch.tensor([0.0, 80.0, 95.0, 100.0])[:, None]
-    subnormals = {}
+    subnormals, counted = {}, [0]
+    tiny = torch.finfo(torch.float32).tiny
+
+    def count(module, grad_input, grad_output) -> None:  # gradients of attention and MLP outputs
+        counted[0] += sum(int(((g != 0) & (g.abs() < tiny)).sum()) for g in grad_output if g is not None)
+
+    for name, module in ensemble.named_modules():
+        if name.endswith((".mlp", ".self_attn")):
+            module.register_full_backward_hook(count)
 
     def step(name: str, offset: torch.Tensor, negligible: float) -> None:
         objective.NEGLIGIBLE_WEIGHT, saved = negligible, objective.NEGLIGIBLE_WEIGHT
         try:
             optimizer.zero_grad(set_to_none=True)
+            counted[0] = 0
             token = ensemble(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])  # [K, B, T]
             loglik = sequence_loglik(token, batch["labels"]) - offset  # [K, B]
             loss, _ = objective.renyi_loss(loglik, 1.0)
             loss.backward()
-            tiny = torch.finfo(torch.float32).tiny
-            subnormals[name] = sum(int(((p.grad != 0) & (p.grad.abs() < tiny)).sum()) for p in
-                                   ensemble.lora_parameters())
+            subnormals[name] = counted[0]
             optimizer.step()
         finally:
             objective.NEGLIGIBLE_WEIGHT = saved
@@ -78,7 +85,7 @@ def step_cost(base, tokenizer, dataset, rounds: int) -> None:
     rows = [[name, ms(timings.wall[name]), ms(timings.cpu[name]),
              paired_ratio(timings.cpu[name], timings.cpu["healthy routing"]), str(subnormals[name])]
             for name in cases]
-    print(markdown_table(["case", "wall ms", "CPU ms", "CPU vs healthy", "subnormal gradient entries"], rows))
+    print(markdown_table(["case", "wall ms", "CPU ms", "CPU vs healthy", "subnormal activation gradients"], rows))
     print()
 
 
