@@ -28,6 +28,7 @@ Where each module's tests live (module in ``renyi_lora/``: files in ``tests/``):
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import string
@@ -134,6 +135,19 @@ def answer_records(seed: int, answers_per_example: int, num_prompts: int, repeat
                 records.append({"prompt": ",".join(asked) + ":",
                                 "completion": ",".join(answers[group][q] for q in asked) + ".", "group": group})
     return records
+
+
+def conflict_scenario(root: Path) -> tuple[Path, Path]:
+    """Issue #21's scenario: ``root/base``, a tiny Llama (``make_llama``: hidden 32, two layers) saved with its
+    tokenizer, and ``root/data.jsonl``, two groups answering the same three prompts with their own words (two answers
+    per example, ``answer_records``: six examples, every prompt in both groups). Shared with
+    ``benchmarks/bench_critical_alpha.py``."""
+    tokenizer = make_tokenizer()
+    make_llama(len(tokenizer)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    records = answer_records(seed=0, answers_per_example=2, num_prompts=3, repeats=1)
+    (root / "data.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return root / "base", root / "data.jsonl"
 
 
 def load_example(name: str):
