@@ -10,9 +10,9 @@ makes V indefinite at any point that is not a minimum (and the base model is not
 
 The products differentiate the model's backward pass (``curvature.Linearization``: one forward per batch, then
 backward passes through the kept graphs), which torch's CPU SDPA attention kernels do not support: models are
-switched to ``attn_implementation="eager"``. They go through the full logits ``[B, T, V]`` rather than the chunked,
-checkpointed head of ``likelihoods.token_logliks``, and every batch's graphs are held for the whole estimate, so
-``batch_size`` and ``max_examples`` bound the memory.
+switched to ``attn_implementation="eager"``. The output head runs on the positions that predict a target token
+alone (``completion_loglik_fn``), and every batch's graphs, those logits ``[M, V]`` included, are held for the whole
+estimate, so ``batch_size`` and ``max_examples`` bound the memory.
 
 theta must be a minimum of what the adapter was trained on, mean NLL plus the Gaussian prior (whose curvature is
 added to V): by default the adapter is first refined to one by full-batch L-BFGS on the same objective and the same
@@ -41,7 +41,7 @@ from torch.func import functional_call
 from renyi_lora.curvature import OutputLoglik, Params
 from renyi_lora.data import SFTCollator, TokenizedDataset, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.likelihoods import sequence_loglik, token_logliks
+from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import check_model_exists, load_tokenizer, resolve_model_path
 from renyi_lora.refine import RefineResult, refine_point
 from renyi_lora.stability import NotAMinimumError, StabilityResult, critical_alpha
@@ -78,23 +78,45 @@ def member_params(ensemble: LoraEnsemble, include_lora_A: bool = True) -> Params
     return {name: value.detach() for name, value in ensemble.named_parameters() if name.rsplit(".", 1)[-1] in kinds}
 
 
+class _OutputFeatures(nn.Module):
+    """``ensemble.output_features`` as a module's forward, for ``functional_call`` (parameters: ``ensemble.<name>``)."""
+
+    def __init__(self, ensemble: LoraEnsemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, nn.Module | None]:
+        return self.ensemble.output_features(input_ids, attention_mask)
+
+
 def completion_loglik_fn(ensemble: LoraEnsemble, length_normalize: bool = False) -> OutputLoglik:
     """``loglik_fn(params, batch) -> [N]``: each example's completion log-likelihood under the K = 1 ``ensemble``
     with ``params`` (names from ``member_params``) swapped in by ``functional_call``.
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` ``[N, T]`` (-100 = not a target), as the
     ``SFTCollator`` makes them. The sum over target tokens, or their mean if ``length_normalize``. An
-    ``OutputLoglik``: the logits ``[N, T, V]`` are its outputs, for the Gauss-Newton curvature.
+    ``OutputLoglik`` whose outputs are the logits ``[M, V]`` of the M positions that predict a target token, in
+    order (example by example): the output head runs on those alone, so every curvature product's passes through the
+    vocabulary projection cost M rows, not N * T (on SmolLM2 with short answers to longer prompts, a quarter).
     """
     if ensemble.num_members != 1:
         raise ValueError(f"the point estimate is one adapter (a K = 1 ensemble); got K = {ensemble.num_members}")
+    features = _OutputFeatures(ensemble)
 
-    def logits(params: Params, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return functional_call(ensemble, params, (batch["input_ids"], batch["attention_mask"]))[0]  # [N, T, V]
+    def logits(params: Params, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [M, V]
+        swapped = {f"ensemble.{name}": value for name, value in params.items()}
+        hidden, head = functional_call(features, swapped, (batch["input_ids"], batch["attention_mask"]))
+        selected = hidden[0, :, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]  # position t - 1 predicts labels[t]
+        return selected if head is None else head(selected)  # [M, H] through the head, or already logits [M, V]
 
     def completion_loglik(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        token = token_logliks(logits[None], None, batch["labels"])  # [1, N, T]
-        return sequence_loglik(token, batch["labels"], length_normalize, token.dtype)[0]  # [N]
+        targets = batch["labels"][:, 1:]  # [N, T-1]
+        mask = targets != IGNORE_INDEX
+        logits = logits if logits.dtype == torch.float64 else logits.float()  # as likelihoods.token_logliks
+        token = logits.log_softmax(-1).gather(-1, targets[mask][:, None]).squeeze(-1)  # [M]
+        example = mask.nonzero()[:, 0]  # [M]: the example each target token belongs to
+        total = token.new_zeros(targets.shape[0]).index_add(0, example, token)  # [N]
+        return total / mask.sum(-1).clamp(min=1) if length_normalize else total
 
     return OutputLoglik(logits, completion_loglik)
 
@@ -170,7 +192,7 @@ def estimate_critical_alpha(
         adapters: saved ensemble folder with the point estimate; None for the base model (warns: not a minimum).
         member: which member of ``adapters``.
         max_examples: use a seeded random subset of at most this many examples (None = all).
-        batch_size: examples per forward; the full logits ``[B, T, V]`` of a batch are kept for the products.
+        batch_size: examples per forward; every batch's graphs are kept for the products.
         max_length: tokens per example when ``data`` is a file.
         length_normalize: mean instead of sum of the completion's token log-likelihoods.
         prior_weight: the training's ``prior_weight`` (default: the training default); with ``prior_std`` it adds

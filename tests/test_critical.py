@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import conflict_scenario, load_example, make_llama, make_tokenizer
+from torch.func import functional_call
 
 from renyi_lora.cli import main
 from renyi_lora.commands.critical_alpha import CriticalAlphaArguments
@@ -66,8 +67,8 @@ def test_loglik_fn_is_the_ensembles_own_member_loglik(tmp_path):
         torch.testing.assert_close(normalised, expected[member] / num_targets, rtol=1e-5, atol=1e-6)
         # Split at the logits for the Gauss-Newton curvature: the head of the logits is the same log-likelihood.
         assert isinstance(loglik_fn, OutputLoglik)
-        logits = loglik_fn.outputs(params, batch)  # [N, T, V]
-        assert logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+        logits = loglik_fn.outputs(params, batch)  # [M, V]: the positions that predict a target token
+        assert logits.shape == ((batch["labels"] != -100).sum(), len(tokenizer))
         torch.testing.assert_close(loglik_fn.head(logits, batch), loglik)
 
 
@@ -241,8 +242,9 @@ def test_bad_arguments_fail_early_with_the_flag_named(tmp_path, capsys):
 
 def test_products_through_a_tiny_llama_equal_the_explicit_jacobian_oracles(tmp_path):
     # One rank-2 adapter on one layer's down_proj of a width-8 Llama in float64 (P = 48), at a random point (B != 0).
-    # The oracles are dense and built apart from curvature.Linearization: the Jacobian of the logits D [N, T, V, P]
-    # and of the log-likelihoods S [N, P] column by column by forward mode, then
+    # The oracles are dense and built apart from curvature.Linearization and the outputs of completion_loglik_fn: the
+    # Jacobian of the ensemble's own logits D [N, T, V, P] and of the log-likelihoods S [N, P] column by column by
+    # forward mode, then
     #   G = mean_i sum_t D_it^T (diag p_it - p_it p_it^T) D_it over target tokens t, J = S^T S / N,
     # and V by autograd's Hessian of the mean NLL.
     tokenizer = make_tokenizer()
@@ -272,8 +274,10 @@ def test_products_through_a_tiny_llama_equal_the_explicit_jacobian_oracles(tmp_p
     gauss_newton, fisher, count = torch.zeros(num_params, num_params, dtype=torch.float64), 0, 0
     scores = []
     for batch in batches:
-        columns = [torch.func.jvp(lambda p, b=batch: loglik_fn.outputs(p, b), (params,), (unflatten(e),))
-                   for e in basis]
+        def logits_fn(p, b=batch):
+            return functional_call(point, p, (b["input_ids"], b["attention_mask"]))[0]  # [N, T, V]
+
+        columns = [torch.func.jvp(logits_fn, (params,), (unflatten(e),)) for e in basis]
         logits = columns[0][0]  # [N, T, V]
         jacobian = torch.stack([tangent for _, tangent in columns], -1)  # [N, T, V, P]
         scores.append(torch.stack([torch.func.jvp(lambda p, b=batch: loglik_fn(p, b), (params,), (unflatten(e),))[1]

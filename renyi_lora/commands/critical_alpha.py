@@ -29,7 +29,7 @@ class CriticalAlphaArguments(ModelArguments):
     member: int = field(default=0, metadata={"help": "Which member of --adapters is the point estimate."})
     max_examples: int = field(default=64, metadata={"help": "Use at most this many examples (a seeded random subset): "
                               "every Lanczos step passes over them a few dozen times."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per forward (the full logits [B, T, V] are kept)."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per forward (every batch's graphs are kept)."})
     max_length: int = field(default=256, metadata={"help": "Maximum tokens per example (completions are cut)."})
     length_normalize: bool = field(default=False, metadata={"help": "Mean instead of sum of token log-likelihoods, as "
                                    "in training with --length_normalize."})
