@@ -192,7 +192,8 @@ def run_command(argv: list[str], tree: Path, timeout: float, log: Path) -> tuple
             return time.perf_counter() - start, "timeout"
         except subprocess.CalledProcessError:
             lines = [line for line in log.read_text().replace("\r", "\n").splitlines() if line.strip()]
-            return time.perf_counter() - start, lines[-1] if lines else "failed"
+            errors = [line[line.find("error:"):] for line in lines if "error:" in line]  # the CLI's one-line error
+            return time.perf_counter() - start, (errors or lines or ["failed"])[-1]  # the refusal, if any
     return time.perf_counter() - start, "ok"
 
 
