@@ -227,6 +227,19 @@ def answer_records(seed: int, answers_per_example: int, num_prompts: int, repeat
     return records
 
 
+def conflict_scenario(root: Path, num_prompts: int = 3) -> tuple[Path, Path]:
+    """Issue #21's scenario: ``root/base``, a tiny Llama (``make_llama``: hidden 32, two layers) saved with its
+    tokenizer, and ``root/data.jsonl``, two groups answering the same ``num_prompts`` prompts with their own words (two
+    answers per example, ``answer_records``: 2 * num_prompts examples, every prompt in both groups). Shared with
+    ``benchmarks/bench_critical_alpha.py``."""
+    tokenizer = make_tokenizer()
+    make_llama(len(tokenizer)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    records = answer_records(seed=0, answers_per_example=2, num_prompts=num_prompts, repeats=1)
+    (root / "data.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return root / "base", root / "data.jsonl"
+
+
 def load_example(name: str):
     """Import ``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "examples" / f"{name}.py")

@@ -5,12 +5,14 @@ Gauss-Newton curvature against the exact one."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_example, make_llama, make_tokenizer
+from conftest import conflict_scenario, load_example, make_llama, make_tokenizer
+from torch.func import functional_call
 
 from renyi_lora.cli import main
 from renyi_lora.commands.critical_alpha import CriticalAlphaArguments
@@ -23,7 +25,7 @@ from renyi_lora.stability.critical import (
     make_batches,
     member_params,
 )
-from renyi_lora.stability.curvature import OutputLoglik
+from renyi_lora.stability.curvature import Linearization, OutputLoglik
 from renyi_lora.stability.lanczos import NotAMinimumError
 from renyi_lora.stability.refine import refine_point
 
@@ -65,8 +67,8 @@ def test_loglik_fn_is_the_ensembles_own_member_loglik(tmp_path):
         torch.testing.assert_close(normalised, expected[member] / num_targets, rtol=1e-5, atol=1e-6)
         # Split at the logits for the Gauss-Newton curvature: the head of the logits is the same log-likelihood.
         assert isinstance(loglik_fn, OutputLoglik)
-        logits = loglik_fn.outputs(params, batch)  # [N, T, V]
-        assert logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+        logits = loglik_fn.outputs(params, batch)  # [M, V]: the positions that predict a target token
+        assert logits.shape == ((batch["labels"] != -100).sum(), len(tokenizer))
         torch.testing.assert_close(loglik_fn.head(logits, batch), loglik)
 
 
@@ -175,11 +177,30 @@ def sft_adapter(fitted) -> Path:
 def test_an_sft_adapter_short_of_a_minimum_is_refused_within_a_few_products(fitted, sft_adapter):
     model = example.make_model(len(fitted.tokenizer), seed=0)
     with pytest.raises(NotAMinimumError, match="--refine false") as error:
-        estimate_critical_alpha(model, fitted.tokenizer, fitted.data, sft_adapter, refine=False, progress=False)
+        estimate_critical_alpha(model, fitted.tokenizer, fitted.data, sft_adapter, refine=False, curvature="exact",
+                                progress=False)
     # Found by the Lanczos check on V (one probe, then at most 20 steps), before any conjugate-gradient solve.
     print(f"refused after {error.value.products} products: curvature {error.value.curvature:.3g}, largest "
           f"{error.value.largest:.3g}")
     assert error.value.curvature < 0 and error.value.products <= 21
+
+
+def test_auto_curvature_falls_back_to_gauss_newton_in_one_logged_line(fitted, sft_adapter, caplog):
+    # The same adapter with the default curvature: the exact check finds the negative curvature, one line says so,
+    # and the Gauss-Newton estimate is the one that would have been asked for with curvature="gauss-newton".
+    def estimate(curvature: str):
+        model = example.make_model(len(fitted.tokenizer), seed=0)
+        return estimate_critical_alpha(model, fitted.tokenizer, fitted.data, sft_adapter, refine=False, tol=1e-3,
+                                       curvature=curvature, progress=False)
+
+    with caplog.at_level("WARNING", logger="renyi_lora.stability.critical"):
+        fallen_back = estimate("auto")
+    lines = [record.getMessage() for record in caplog.records if record.name == "renyi_lora.stability.critical"]
+    assert len(lines) == 1 and lines[0] == fallen_back.fallback
+    assert lines[0].startswith("V has curvature -") and "using the Gauss-Newton curvature instead" in lines[0]
+    asked = estimate("gauss-newton")
+    assert fallen_back.curvature == "gauss-newton" and asked.fallback is None
+    assert fallen_back.alpha_star == pytest.approx(asked.alpha_star, rel=1e-9) and fallen_back.converged
 
 
 def test_critical_alpha_refines_the_sft_adapter_by_default(fitted, sft_adapter, tmp_path, capsys):
@@ -217,3 +238,111 @@ def test_bad_arguments_fail_early_with_the_flag_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["critical-alpha", "--data", str(tmp_path / "missing.jsonl")])
     assert exit_info.value.code == 2 and "missing.jsonl" in capsys.readouterr().err
+
+
+def test_products_through_a_tiny_llama_equal_the_explicit_jacobian_oracles(tmp_path):
+    # One rank-2 adapter on one layer's down_proj of a width-8 Llama in float64 (P = 48), at a random point (B != 0).
+    # The oracles are dense and built apart from curvature.Linearization and the outputs of completion_loglik_fn: the
+    # Jacobian of the ensemble's own logits D [N, T, V, P] and of the log-likelihoods S [N, P] column by column by
+    # forward mode, then
+    #   G = mean_i sum_t D_it^T (diag p_it - p_it p_it^T) D_it over target tokens t, J = S^T S / N,
+    # and V by autograd's Hessian of the mean NLL.
+    tokenizer = make_tokenizer()
+    records = [{"prompt": "q0:", "completion": "ab"}, {"prompt": "q1,q2:", "completion": "c"},
+               {"prompt": "q2:", "completion": "d."}]
+    dataset = load_sft_dataset(write_jsonl(tmp_path / "data.jsonl", records), tokenizer, max_length=16)
+    batches = make_batches(dataset, tokenizer.pad_token_id, batch_size=2)  # two batches of different sizes
+    config = EnsembleConfig(num_members=1, rank=2, target_modules=["down_proj"], layers_to_transform=[1], init_seed=0)
+    point = load_point(make_llama(len(tokenizer), seed=2, hidden_size=8), ensemble_config=config).double()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in point.lora_layers().values():
+            layer.lora_B.normal_(0, 0.3)
+    params = member_params(point)
+    loglik_fn = completion_loglik_fn(point)
+    names, sizes = list(params), [value.numel() for value in params.values()]
+    num_params = sum(sizes)
+    assert num_params == 48
+
+    def unflatten(vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: chunk.view(params[name].shape) for name, chunk in zip(names, vector.split(sizes), strict=True)}
+
+    def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[name].reshape(-1) for name in names])
+
+    basis = torch.eye(num_params, dtype=torch.float64)
+    gauss_newton, fisher, count = torch.zeros(num_params, num_params, dtype=torch.float64), 0, 0
+    scores = []
+    for batch in batches:
+        def logits_fn(p, b=batch):
+            return functional_call(point, p, (b["input_ids"], b["attention_mask"]))[0]  # [N, T, V]
+
+        columns = [torch.func.jvp(logits_fn, (params,), (unflatten(e),)) for e in basis]
+        logits = columns[0][0]  # [N, T, V]
+        jacobian = torch.stack([tangent for _, tangent in columns], -1)  # [N, T, V, P]
+        scores.append(torch.stack([torch.func.jvp(lambda p, b=batch: loglik_fn(p, b), (params,), (unflatten(e),))[1]
+                                   for e in basis], -1))  # [N, P]
+        targets = batch["labels"][:, 1:] != -100  # position t - 1 predicts labels[t]
+        probabilities, rows = logits[:, :-1].softmax(-1)[targets], jacobian[:, :-1][targets]  # [M, V], [M, V, P]
+        weighted = probabilities[..., None] * rows - probabilities[..., None] * (probabilities[..., None] * rows
+                                                                                 ).sum(1, keepdim=True)
+        gauss_newton += torch.einsum("mvp,mvq->pq", rows, weighted)
+        count += batch["input_ids"].shape[0]
+    gauss_newton /= count
+    scores = torch.cat(scores)  # [N, P]
+    fisher = scores.T @ scores / count
+
+    def mean_nll(vector: torch.Tensor) -> torch.Tensor:
+        return -torch.cat([loglik_fn(unflatten(vector), batch) for batch in batches]).mean()
+
+    hessian = torch.autograd.functional.hessian(mean_nll, flatten(params))
+    linearization = Linearization(loglik_fn, params, batches)
+    for product, oracle in ((linearization.gauss_newton, gauss_newton), (linearization.fisher, fisher),
+                            (linearization.hessian, hessian)):
+        dense = torch.stack([flatten(product(unflatten(e))) for e in basis], -1)  # [P, P], column by column
+        # Hugging Face's Llama runs RMSNorm and the attention softmax in float32 even in float64: float32 rounding.
+        # Measured: largest difference 3e-8 (G), 4e-8 (J), 2.6e-7 (V) of the largest entry.
+        torch.testing.assert_close(dense, oracle, rtol=1e-6, atol=1e-6 * oracle.abs().max().item())
+    # G is positive semi-definite; at this random point V is not, and they differ by the residual term.
+    assert torch.linalg.eigvalsh(gauss_newton).min() > -1e-6 * gauss_newton.abs().max()
+    assert not torch.allclose(gauss_newton, hessian, rtol=1e-2)
+
+
+def test_sft_then_critical_alpha_gives_alpha_star_without_a_refusal(tmp_path, capsys, caplog):
+    # Issue #21: `renyi-lora sft --num_members 1` for 100 steps on two conflicting groups, then `renyi-lora
+    # critical-alpha` with the default flags, returned a refusal ("V has curvature -0.0094 ... use
+    # curvature='gauss-newton'"), and Gauss-Newton took 22 s per Lanczos step. --refine_steps 100 stops L-BFGS short
+    # of a minimum here as 500 steps did on the issue's data (the timing of the full default run is
+    # benchmarks/bench_critical_alpha.py's): the default curvature falls back to Gauss-Newton with one line.
+    base, data = conflict_scenario(tmp_path)
+    sft, output = tmp_path / "sft", tmp_path / "alpha.json"
+    main(["sft", "--model", str(base), "--data", str(data), "--num_members", "1", "--max_steps", "100",
+          "--output_dir", str(sft), "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--disable_tqdm",
+          "true"])
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="renyi_lora.stability.critical"):
+        main(["critical-alpha", "--model", str(base), "--data", str(data), "--adapters", str(sft), "--refine_steps",
+              "100", "--output", str(output)])
+    printed, record = capsys.readouterr().out, json.loads(output.read_text())
+    print(printed, record)
+    assert record["refinement"]["stopped"] == "max_steps" and record["refinement"]["iterations"] == 100
+    fallbacks = [line.getMessage() for line in caplog.records if "Gauss-Newton curvature instead" in line.getMessage()]
+    assert len(fallbacks) == 1 and fallbacks[0] == record["fallback"]  # measured: curvature -0.0108 (largest 2.8e3)
+    assert record["curvature"] == "gauss-newton" and record["converged"] and 0 < record["alpha_star"] < math.inf
+    assert record["stopped"] in ("residuals", "stable", "exhausted")
+    assert f"alpha* = {record['alpha_star']:.4g} (Gauss-Newton curvature)" in printed
+    assert f"stopped after {record['iterations']} Lanczos steps ({record['curvature_products']} products" in printed
+
+
+def test_sdpa_attention_is_refused_with_the_eager_hint(tmp_path):
+    # The products differentiate the backward pass; torch's CPU SDPA kernel has no double backward.
+    tokenizer = make_tokenizer()
+    dataset = load_sft_dataset(write_jsonl(tmp_path / "data.jsonl", [{"prompt": "q", "completion": "a"}]), tokenizer,
+                               max_length=8)
+    model = make_llama(len(tokenizer))
+    model.set_attn_implementation("sdpa")
+    point = load_point(model, ensemble_config=EnsembleConfig(num_members=1, rank=2, target_modules=["q_proj"]))
+    params = member_params(point)
+    vector = {name: torch.ones_like(value) for name, value in params.items()}
+    with pytest.raises(NotImplementedError, match="attn_implementation='eager'"):
+        Linearization(completion_loglik_fn(point), params, make_batches(dataset, 0, 1)).gauss_newton(vector)

@@ -15,7 +15,7 @@ from renyi_lora.config import EnsembleConfig
 from renyi_lora.data.sft import load_sft_dataset
 from renyi_lora.models import check_model_exists, load_tokenizer
 from renyi_lora.stability.critical import WELL_SPECIFIED, CriticalAlphaResult, estimate_critical_alpha
-from renyi_lora.stability.lanczos import StabilityResult
+from renyi_lora.stability.lanczos import STABLE_STEPS, StabilityResult
 
 
 @dataclass
@@ -29,7 +29,7 @@ class CriticalAlphaArguments(ModelArguments):
     member: int = field(default=0, metadata={"help": "Which member of --adapters is the point estimate."})
     max_examples: int = field(default=64, metadata={"help": "Use at most this many examples (a seeded random subset): "
                               "every Lanczos step passes over them a few dozen times."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per forward (the full logits [B, T, V] are kept)."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per forward (every batch's graphs are kept)."})
     max_length: int = field(default=256, metadata={"help": "Maximum tokens per example (completions are cut)."})
     length_normalize: bool = field(default=False, metadata={"help": "Mean instead of sum of token log-likelihoods, as "
                                    "in training with --length_normalize."})
@@ -49,9 +49,10 @@ class CriticalAlphaArguments(ModelArguments):
                                     "objective any more (its float32 resolution, which is usually first)."})
     refined_output: str | None = field(default=None, metadata={"help": "Save the refined adapter (a K = 1 ensemble "
                                        "folder) here."})
-    curvature: Literal["exact", "gauss-newton"] = field(default="exact", metadata={"help": "V: 'exact' (Hessian of the "
-                                                        "mean NLL) or 'gauss-newton' (positive semi-definite anywhere; "
-                                                        "close to exact at a well-specified minimum)."})
+    curvature: Literal["auto", "exact", "gauss-newton"] = field(default="auto", metadata={"help": "V: 'exact' (Hessian "
+        "of the mean NLL; refuses a point that is not a minimum), 'gauss-newton' (positive semi-definite anywhere; "
+        "close to exact at a well-specified minimum) or 'auto': exact, falling back to Gauss-Newton with one line "
+        "where the (refined) adapter has negative curvature."})
     num_eigenvalues: int = field(default=3, metadata={"help": "How many top eigenvalues of J x = lambda V x to find."})
     max_iter: int = field(default=50, metadata={"help": "Most Lanczos steps."})
     tol: float = field(default=1e-3, metadata={"help": "Relative Ritz-residual tolerance of the eigenvalues."})
@@ -73,8 +74,8 @@ class CriticalAlphaArguments(ModelArguments):
         if self.refine_steps < 0 or not self.refine_tolerance > 0:
             raise ValueError(f"need --refine_steps >= 0 and --refine_tolerance > 0; got {self.refine_steps}, "
                              f"{self.refine_tolerance}")
-        if self.curvature not in ("exact", "gauss-newton"):
-            raise ValueError(f"--curvature must be 'exact' or 'gauss-newton'; got {self.curvature!r}")
+        if self.curvature not in ("auto", "exact", "gauss-newton"):
+            raise ValueError(f"--curvature must be 'auto', 'exact' or 'gauss-newton'; got {self.curvature!r}")
         for name in ("max_examples", "batch_size", "num_eigenvalues", "max_iter", "cg_max_iter", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
@@ -100,6 +101,8 @@ def result_record(result: StabilityResult) -> dict[str, Any]:
         "curvature": result.curvature,
         "lowest_curvature": result.lowest_curvature if math.isfinite(result.lowest_curvature) else None,
         "curvature_products": result.products,
+        "stopped": result.stopped,
+        "fallback": getattr(result, "fallback", None),
         "num_parameters": sum(value.numel() for value in result.direction.values()),
         "refinement": None if refinement is None else {
             key: value for key, value in vars(refinement).items() if key != "params"},
@@ -107,8 +110,21 @@ def result_record(result: StabilityResult) -> dict[str, Any]:
     }
 
 
+def stopping(result: StabilityResult) -> str:
+    """One line: how many Lanczos steps and products alpha* took, and the criterion that stopped them."""
+    criterion = {
+        "residuals": f"every Ritz residual below tol x lambda_max (tol {result.tolerance:.2g})",
+        "stable": (f"the top eigenvalues changed by less than tol x lambda_max (tol {result.tolerance:.2g}) over the "
+                   f"last {STABLE_STEPS} steps"),
+        "exhausted": "the Krylov space was exhausted (the eigenvalues are exact)",
+        "max_iter": "--max_iter reached before convergence (a rough estimate)",
+    }[result.stopped]
+    return f"stopped after {result.iterations} Lanczos steps ({result.products} products with V): {criterion}"
+
+
 def report(result: StabilityResult) -> str:
-    """What ``renyi-lora critical-alpha`` prints: the refinement, alpha*, the top eigenvalues and the plain reading."""
+    """What ``renyi-lora critical-alpha`` prints: the refinement, alpha*, how Lanczos stopped, the top eigenvalues and
+    the plain reading."""
     eigenvalues = ", ".join(f"{value:.4g}" for value in result.eigenvalues)
     if result.alpha_star < 1 - WELL_SPECIFIED:
         at_one = "at alpha = 1 (the mixture likelihood) members separate: one adapter cannot fit this data"
@@ -123,6 +139,7 @@ def report(result: StabilityResult) -> str:
     return "\n".join([
         *lines,
         f"alpha* = {result.alpha_star:.4g}{kind}",
+        stopping(result),
         f"top eigenvalues of J x = lambda V x: {eigenvalues}",
         result.summary(),
         at_one,

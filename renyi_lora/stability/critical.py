@@ -8,21 +8,26 @@ adapters the point is the base model (a fresh adapter, B = 0); only the B matric
 B = 0 the A directions have zero curvature and the A-B cross terms of the Hessian are as large as the gradient, which
 makes V indefinite at any point that is not a minimum (and the base model is not one).
 
-The products go through ``torch.func`` (forward-mode jvp and forward-over-reverse), which torch's CPU SDPA attention
-kernels do not support: models are switched to ``attn_implementation="eager"``. They also go through the full logits
-``[B, T, V]`` rather than the chunked, checkpointed head of ``likelihoods.token_logliks`` (``torch.func`` does not
-support checkpointing's saved-tensor hooks), so ``batch_size`` bounds the memory.
+The products differentiate the model's backward pass (``curvature.Linearization``: one forward per batch, then
+backward passes through the kept graphs), which torch's CPU SDPA attention kernels do not support: models are
+switched to ``attn_implementation="eager"``. The output head runs on the positions that predict a target token
+alone (``completion_loglik_fn``), and every batch's graphs, those logits ``[M, V]`` included, are held for the whole
+estimate, so ``batch_size`` and ``max_examples`` bound the memory.
 
 theta must be a minimum of what the adapter was trained on, mean NLL plus the Gaussian prior (whose curvature is
 added to V): by default the adapter is first refined to one by full-batch L-BFGS on the same objective and the same
-examples (``refine.refine_point``); a point that is still not a minimum is refused after a few Hessian-vector
-products. ``curvature="gauss-newton"`` uses the Gauss-Newton matrix instead of the Hessian (positive semi-definite
-anywhere). Hugging Face's Llama computes RMSNorm and the attention softmax in float32 even for a float64 model, so
-the products carry relative noise of about 1e-7 whatever ``dtype``: keep some damping. See docs/critical_alpha.md.
+examples (``refine.refine_point``). ``curvature="auto"`` (the default) then uses the Hessian if the point is a
+minimum and falls back to the Gauss-Newton matrix (positive semi-definite anywhere) where a few Hessian-vector
+products find negative curvature, logging one line that says so; ``"exact"`` refuses such a point instead,
+``"gauss-newton"`` uses G from the start. Hugging Face's Llama computes RMSNorm and the attention softmax in float32
+even for a float64 model, so the products carry relative noise of about 1e-7 whatever ``dtype``: keep some damping.
+See docs/critical_alpha.md.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 import warnings
 from dataclasses import dataclass, fields
@@ -35,11 +40,13 @@ from torch.func import functional_call
 
 from renyi_lora.data.sft import SFTCollator, TokenizedDataset, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
-from renyi_lora.likelihoods import sequence_loglik, token_logliks
+from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import check_model_exists, load_tokenizer, resolve_model_path
 from renyi_lora.stability.curvature import OutputLoglik, Params
 from renyi_lora.stability.lanczos import NotAMinimumError, StabilityResult, critical_alpha
 from renyi_lora.stability.refine import RefineResult, refine_point
+
+logger = logging.getLogger(__name__)
 
 WELL_SPECIFIED = 0.01  # |alpha* - 1| below this reads as the well-specified boundary (docs/critical_alpha.md)
 NOT_FITTED = ("no adapters given: the point is the base model (a fresh adapter with B = 0), which is not a fitted "
@@ -71,23 +78,45 @@ def member_params(ensemble: LoraEnsemble, include_lora_A: bool = True) -> Params
     return {name: value.detach() for name, value in ensemble.named_parameters() if name.rsplit(".", 1)[-1] in kinds}
 
 
+class _OutputFeatures(nn.Module):
+    """``ensemble.output_features`` as a module's forward, for ``functional_call`` (parameters: ``ensemble.<name>``)."""
+
+    def __init__(self, ensemble: LoraEnsemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, nn.Module | None]:
+        return self.ensemble.output_features(input_ids, attention_mask)
+
+
 def completion_loglik_fn(ensemble: LoraEnsemble, length_normalize: bool = False) -> OutputLoglik:
     """``loglik_fn(params, batch) -> [N]``: each example's completion log-likelihood under the K = 1 ``ensemble``
     with ``params`` (names from ``member_params``) swapped in by ``functional_call``.
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` ``[N, T]`` (-100 = not a target), as the
     ``SFTCollator`` makes them. The sum over target tokens, or their mean if ``length_normalize``. An
-    ``OutputLoglik``: the logits ``[N, T, V]`` are its outputs, for the Gauss-Newton curvature.
+    ``OutputLoglik`` whose outputs are the logits ``[M, V]`` of the M positions that predict a target token, in
+    order (example by example): the output head runs on those alone, so every curvature product's passes through the
+    vocabulary projection cost M rows, not N * T (on SmolLM2 with short answers to longer prompts, a quarter).
     """
     if ensemble.num_members != 1:
         raise ValueError(f"the point estimate is one adapter (a K = 1 ensemble); got K = {ensemble.num_members}")
+    features = _OutputFeatures(ensemble)
 
-    def logits(params: Params, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return functional_call(ensemble, params, (batch["input_ids"], batch["attention_mask"]))[0]  # [N, T, V]
+    def logits(params: Params, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [M, V]
+        swapped = {f"ensemble.{name}": value for name, value in params.items()}
+        hidden, head = functional_call(features, swapped, (batch["input_ids"], batch["attention_mask"]))
+        selected = hidden[0, :, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]  # position t - 1 predicts labels[t]
+        return selected if head is None else head(selected)  # [M, H] through the head, or already logits [M, V]
 
     def completion_loglik(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        token = token_logliks(logits[None], None, batch["labels"])  # [1, N, T]
-        return sequence_loglik(token, batch["labels"], length_normalize, token.dtype)[0]  # [N]
+        targets = batch["labels"][:, 1:]  # [N, T-1]
+        mask = targets != IGNORE_INDEX
+        logits = logits if logits.dtype == torch.float64 else logits.float()  # as likelihoods.token_logliks
+        token = logits.log_softmax(-1).gather(-1, targets[mask][:, None]).squeeze(-1)  # [M]
+        example = mask.nonzero()[:, 0]  # [M]: the example each target token belongs to
+        total = token.new_zeros(targets.shape[0]).index_add(0, example, token)  # [N]
+        return total / mask.sum(-1).clamp(min=1) if length_normalize else total
 
     return OutputLoglik(logits, completion_loglik)
 
@@ -119,9 +148,11 @@ def _load_eager(name_or_path: str, trust_remote_code: bool) -> nn.Module:
 
 @dataclass
 class CriticalAlphaResult(StabilityResult):
-    """A ``StabilityResult`` plus what the refinement did before it (None: the point was taken as given)."""
+    """A ``StabilityResult`` plus what the refinement did before it (None: the point was taken as given) and, where
+    ``curvature="auto"`` fell back to the Gauss-Newton matrix, why (the line it logged; None otherwise)."""
 
     refinement: RefineResult | None = None
+    fallback: str | None = None
 
 
 def estimate_critical_alpha(
@@ -141,7 +172,7 @@ def estimate_critical_alpha(
     refine_steps: int = 500,
     refine_tolerance: float = 1e-5,
     refined_output: str | Path | None = None,
-    curvature: Literal["exact", "gauss-newton"] = "exact",
+    curvature: Literal["auto", "exact", "gauss-newton"] = "auto",
     ensemble_config: EnsembleConfig | None = None,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
@@ -161,7 +192,7 @@ def estimate_critical_alpha(
         adapters: saved ensemble folder with the point estimate; None for the base model (warns: not a minimum).
         member: which member of ``adapters``.
         max_examples: use a seeded random subset of at most this many examples (None = all).
-        batch_size: examples per forward; the full logits ``[B, T, V]`` of a batch are kept for the products.
+        batch_size: examples per forward; every batch's graphs are kept for the products.
         max_length: tokens per example when ``data`` is a file.
         length_normalize: mean instead of sum of the completion's token log-likelihoods.
         prior_weight: the training's ``prior_weight`` (default: the training default); with ``prior_std`` it adds
@@ -172,7 +203,10 @@ def estimate_critical_alpha(
         refine_steps: most L-BFGS iterations.
         refine_tolerance: stop refining once the objective's gradient norm is at most this.
         refined_output: save the refined adapter here (a K = 1 ensemble folder).
-        curvature: ``"exact"`` (the Hessian) or ``"gauss-newton"`` (positive semi-definite anywhere).
+        curvature: ``"exact"`` (the Hessian; refuses a point that is not a minimum), ``"gauss-newton"`` (positive
+            semi-definite anywhere) or ``"auto"``: exact, and Gauss-Newton where V has negative curvature at a trained
+            adapter (logged in one line and kept in ``fallback``). Without ``adapters`` auto is exact: the base model
+            is no fitted point, and G there would describe nothing trained.
         ensemble_config: shape of the fresh adapter when ``adapters`` is None (K must be 1).
         dtype: precision of the refinement and the products (``torch.float64`` for small models or a tight ``tol``).
         trust_remote_code: passed to the loaders when ``model`` is a name.
@@ -183,8 +217,8 @@ def estimate_critical_alpha(
 
     Returns:
         ``CriticalAlphaResult`` (``alpha_star``, ``eigenvalues``, ``direction`` keyed by the adapter's parameter
-        names, ``refinement``). Raises ``stability.NotAMinimumError`` when V is not positive definite at the point,
-        with what to do about it.
+        names, ``refinement``, ``fallback``). Raises ``stability.NotAMinimumError`` when V is not positive definite at
+        the point and the curvature is exact (asked for, or auto without adapters), with what to do about it.
     """
     if isinstance(model, str):
         if tokenizer is None:
@@ -195,7 +229,7 @@ def estimate_critical_alpha(
     elif tokenizer is None:
         raise ValueError("tokenizer is required when model is a loaded model rather than a name")
     elif hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")  # torch.func has no forward-mode rule for the SDPA kernels
+        model.set_attn_implementation("eager")  # the SDPA kernels have no double backward
     dataset = data if isinstance(data, TokenizedDataset) else load_sft_dataset(data, tokenizer, max_length)
     if adapters is None:
         warnings.warn(NOT_FITTED, stacklevel=2)
@@ -217,14 +251,24 @@ def estimate_critical_alpha(
                     if name in params:
                         parameter.copy_(params[name])
             ensemble.save_pretrained(str(refined_output))
+    options = dict(prior_curvature=prior_curvature, seed=seed, progress=progress, **solver_options)
+    fallback = None
     try:
-        result = critical_alpha(loglik_fn, params, batches, curvature=curvature, prior_curvature=prior_curvature,
-                                seed=seed, progress=progress, **solver_options)
+        result = critical_alpha(loglik_fn, params, batches, curvature="exact" if curvature == "auto" else curvature,
+                                **options)
     except NotAMinimumError as error:
-        error.hint = _not_a_minimum_hint(adapters, refinement)
-        raise
+        if curvature != "auto" or adapters is None:
+            error.hint = _not_a_minimum_hint(adapters, refinement)
+            raise
+        largest = f" (largest {error.largest:.3g})" if math.isfinite(error.largest) else ""
+        fallback = (f"V has curvature {error.curvature:.3g}{largest} at the {'refined ' if refinement else ''}adapter, "
+                    "which is not a minimum: using the Gauss-Newton curvature instead (positive semi-definite "
+                    "anywhere; --curvature exact refuses)")
+    if fallback is not None:  # outside the except block, so the exact products' graphs are freed first
+        logger.warning(fallback)
+        result = critical_alpha(loglik_fn, params, batches, curvature="gauss-newton", **options)
     return CriticalAlphaResult(**{item.name: getattr(result, item.name) for item in fields(result)},
-                               refinement=refinement)
+                               refinement=refinement, fallback=fallback)
 
 
 def _not_a_minimum_hint(adapters: str | Path | None, refinement: RefineResult | None) -> str:

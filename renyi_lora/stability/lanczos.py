@@ -21,7 +21,7 @@ is either a params-shaped dict or, inside the solver, one flat tensor [P].
 V is positive semi-definite only at a minimum. Before the solves, a few Lanczos steps on V itself look for a
 direction of negative curvature (Lanczos finds the extreme eigenvalues of V first), so a point that is not a minimum
 is refused after a handful of products instead of somewhere inside the conjugate-gradient solves. With
-``curvature="gauss-newton"`` the Gauss-Newton matrix G (``curvature.gauss_newton_vector_product``) stands in for V:
+``curvature="gauss-newton"`` the Gauss-Newton matrix G (``curvature.Linearization.gauss_newton``) stands in for V:
 positive semi-definite everywhere, and close to V at a minimum where the model's residuals average out.
 """
 
@@ -36,14 +36,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from renyi_lora.stability.curvature import (
-    LoglikFn,
-    OutputLoglik,
-    Params,
-    fisher_vector_product,
-    gauss_newton_vector_product,
-    hessian_vector_product,
-)
+from renyi_lora.stability.curvature import Linearization, LoglikFn, OutputLoglik, Params
 
 NOT_A_MINIMUM = (
     "theta is not a minimum of the NLL; refine or train the single adapter to a minimum first, or use "
@@ -57,7 +50,7 @@ class NotAMinimumError(ValueError):
 
     Attributes:
         curvature: the negative (or zero) curvature found, ``x^T V x / x^T x`` along some direction x.
-        products: Hessian-vector products (passes over the data set) spent before it was found.
+        products: products with V (passes over the data set) spent before it was found.
         largest: the largest curvature of V found before (nan if none was measured): how small ``curvature`` is.
         hint: what to do about it, printed after the rest (set by callers that know their user's options).
     """
@@ -69,7 +62,7 @@ class NotAMinimumError(ValueError):
         self.hint = ""
 
     def __str__(self) -> str:
-        details = [f"{self.products} Hessian-vector products"] if self.products else []
+        details = [f"{self.products} curvature products"] if self.products else []
         details += [f"largest curvature found {self.largest:.3g}"] if math.isfinite(self.largest) else []
         text = f"{self.message} ({'; '.join(details)})" if details else self.message
         return f"{text}\n{self.hint}" if self.hint else text
@@ -83,7 +76,7 @@ class StabilityResult:
         alpha_star: ``1 / lambda_max``; members separate for alpha above it (``inf`` when J v = 0 everywhere).
         eigenvalues: top generalised eigenvalues of ``J x = lambda V x``, descending (fewer if P is smaller).
         iterations: Lanczos steps taken (each one J v, one V v and one conjugate-gradient solve).
-        converged: whether every requested eigenvalue met ``tolerance``.
+        converged: whether alpha* converged: ``stopped`` is not ``"max_iter"``.
         tolerance: the relative Ritz-residual tolerance used.
         damping: the relative damping asked for; ``shift`` is the absolute one added to V.
         shift: added to V's diagonal: ``damping * tr(V) / P`` (one-probe estimate), at least the rounding of the
@@ -93,6 +86,10 @@ class StabilityResult:
         lowest_curvature: the lowest curvature of V (with the prior, without the shift) that the Lanczos check found
             before the solves (an upper bound on V's smallest eigenvalue; nan when the check was skipped).
         products: products with V (or G), each a pass over the data set: the cost, with ``iterations`` J v.
+        stopped: why Lanczos stopped: ``"residuals"`` (every requested Ritz residual below ``tolerance *
+            lambda_max``), ``"stable"`` (the requested eigenvalues changed by less than ``tolerance * lambda_max`` over
+            the last ``STABLE_STEPS`` steps: alpha* has converged, the lower eigenvalues to that absolute accuracy),
+            ``"exhausted"`` (the Krylov space is invariant: exact) or ``"max_iter"`` (not converged).
     """
 
     alpha_star: float
@@ -106,6 +103,7 @@ class StabilityResult:
     curvature: str = "exact"
     lowest_curvature: float = math.nan
     products: int = 0
+    stopped: str = "residuals"
 
     def summary(self) -> str:
         """One line in plain English."""
@@ -138,6 +136,8 @@ class _Flat:
 # softmax in float32 even in float64, and conjugate gradients in float32 met curvature of -1.1 float32 eps * lambda_max
 # (measured on a tiny Llama whose V spans seven decades); ten times that leaves a margin.
 ROUNDING = 10 * torch.finfo(torch.float32).eps
+# Lanczos stops once the requested eigenvalues moved by less than tol * lambda_max over this many steps.
+STABLE_STEPS = 3
 
 
 def _lowest_curvature(
@@ -240,15 +240,17 @@ def critical_alpha(
         loglik_fn: ``(params, batch) -> [N]`` per-example log-likelihoods, a pure function of ``params``; an
             ``OutputLoglik`` for ``curvature="gauss-newton"``.
         params: theta, name -> tensor (P numbers in all; float32 or float64). Detached here.
-        batches: the data set, re-iterated on every product (a one-shot iterator is turned into a list first).
+        batches: the data set, passed forward once: ``curvature.Linearization`` keeps every batch's graphs (memory)
+            and each product is backward passes through them.
         num_eigenvalues: how many of the top eigenvalues must converge.
         max_iter: most Lanczos steps.
-        tol: converged when each Ritz residual is below ``tol * lambda_max``.
+        tol: converged when each Ritz residual is below ``tol * lambda_max``, or when these eigenvalues changed by
+            less than ``tol * lambda_max`` over the last ``STABLE_STEPS`` (3) steps (``stopped`` says which).
         damping: relative damping of V (>= 0), as above.
         cg_max_iter: most conjugate-gradient steps per solve.
         cg_tol: relative residual of each solve; default ``max(tol / 10, 100 * eps)`` of the dtype.
-        curvature: ``"exact"``: V is the Hessian of the mean NLL (``hessian_vector_product``); ``"gauss-newton"``:
-            the generalised Gauss-Newton matrix (``gauss_newton_vector_product``), positive semi-definite anywhere,
+        curvature: ``"exact"``: V is the Hessian of the mean NLL (``Linearization.hessian``); ``"gauss-newton"``:
+            the generalised Gauss-Newton matrix (``Linearization.gauss_newton``), positive semi-definite anywhere,
             close to V at a minimum where the model's residuals average out.
         prior_curvature: curvature ``c`` of a Gaussian prior ``c / 2 ||theta||^2`` in the objective theta minimises
             (``prior_weight / prior_std^2`` of training): ``c I`` is added to V. In a split theta_k = theta + d_k the
@@ -256,7 +258,8 @@ def critical_alpha(
         curvature_check_steps: most Lanczos steps on V before the solves (0 to skip); they also estimate
             lambda_max(V) for the rounding floor of the shift.
         seed: seeds the random start vector.
-        progress: show a tqdm bar over Lanczos steps.
+        progress: show a tqdm bar over Lanczos steps, with lambda_max and its relative change over the last
+            ``STABLE_STEPS`` steps against ``tol``.
 
     Returns:
         ``StabilityResult``; warns when not converged. Raises ``NotAMinimumError`` (a ``ValueError``) when V is
@@ -271,23 +274,22 @@ def critical_alpha(
     if curvature == "gauss-newton" and not isinstance(loglik_fn, OutputLoglik):
         raise TypeError("curvature='gauss-newton' needs loglik_fn as OutputLoglik(outputs, head) (the outputs it "
                         f"linearises, e.g. logits); got {type(loglik_fn).__name__}")
-    if iter(batches) is batches:
-        batches = list(batches)
     params = {name: value.detach() for name, value in params.items()}
     flat = _Flat(params)
     reference = next(iter(params.values()))
     eps = torch.finfo(reference.dtype).eps
     cg_tol = max(tol / 10, 100 * eps) if cg_tol is None else cg_tol
-    curvature_product = gauss_newton_vector_product if curvature == "gauss-newton" else hessian_vector_product
+    linearization = Linearization(loglik_fn, params, batches)  # one forward per batch; products are backwards
+    curvature_product = linearization.gauss_newton if curvature == "gauss-newton" else linearization.hessian
     products = 0
 
     def fisher(vector: torch.Tensor) -> torch.Tensor:  # [P] -> [P]
-        return flat.flatten(fisher_vector_product(loglik_fn, params, batches, flat.unflatten(vector)))
+        return flat.flatten(linearization.fisher(flat.unflatten(vector)))
 
     def hessian(vector: torch.Tensor) -> torch.Tensor:  # [P] -> [P]: V v (or G v), with the prior's curvature
         nonlocal products
         products += 1
-        product = flat.flatten(curvature_product(loglik_fn, params, batches, flat.unflatten(vector)))
+        product = flat.flatten(curvature_product(flat.unflatten(vector)))
         return product + prior_curvature * vector if prior_curvature else product
 
     num_params = sum(flat.sizes)
@@ -323,7 +325,7 @@ def critical_alpha(
     norm = torch.sqrt(start @ start_v)
     basis, basis_v = [start / norm], [start_v / norm]  # q_j and V q_j, orthonormal in the V inner product
     projected = torch.zeros(max_iter, max_iter, dtype=torch.float64)  # T = Q^T J Q, the Rayleigh-Ritz matrix
-    unconverged_solves, converged, steps = 0, False, 0
+    unconverged_solves, stopped, steps, history = 0, "max_iter", 0, []  # history: the top Ritz values of each step
     bar = tqdm(total=max_iter, desc="critical alpha", disable=not progress)
     for steps in range(1, max_iter + 1):
         j = steps - 1
@@ -347,12 +349,22 @@ def critical_alpha(
         ritz_values, ritz_vectors = torch.linalg.eigh(projected[:steps, :steps])
         ritz_values, ritz_vectors = ritz_values.flip(0), ritz_vectors.flip(1)  # descending
         residuals = beta * ritz_vectors[-1, :wanted].abs()  # the Lanczos estimate of each Ritz pair's residual
+        top = abs(ritz_values[0].item())
+        history.append(ritz_values[:wanted])
+        change = math.inf  # of the requested eigenvalues over the last STABLE_STEPS steps, relative to lambda_max
+        if steps > STABLE_STEPS and len(history[-1 - STABLE_STEPS]) == wanted and top > 0:
+            change = (history[-1] - history[-1 - STABLE_STEPS]).abs().max().item() / top
         # Breakdown: the Krylov space is invariant (e.g. P is small or eigenvalues repeat); its Ritz pairs are exact.
-        exhausted = beta <= math.sqrt(eps * scale) or steps == num_params
-        converged = exhausted or (steps >= wanted and bool((residuals <= tol * abs(ritz_values[0].item())).all()))
+        if beta <= math.sqrt(eps * scale) or steps == num_params:
+            stopped = "exhausted"
+        elif steps >= wanted and bool((residuals <= tol * top).all()):
+            stopped = "residuals"
+        elif change < tol:
+            stopped = "stable"
         bar.update(1)
-        bar.set_postfix(lambda_max=f"{ritz_values[0].item():.4g}")
-        if converged or steps == max_iter:
+        bar.set_postfix(lambda_max=f"{ritz_values[0].item():.4g}", change=f"{change:.1e}" if change < math.inf else "-",
+                        stop_below=f"{tol:.0e}")
+        if stopped != "max_iter" or steps == max_iter:
             break
         basis.append(residual / beta)
         basis_v.append(residual_v / beta)
@@ -360,6 +372,7 @@ def critical_alpha(
     if unconverged_solves:
         warnings.warn(f"{unconverged_solves} of {steps} conjugate-gradient solves stopped at cg_max_iter="
                       f"{cg_max_iter} above cg_tol={cg_tol:.2g}; increase cg_max_iter or damping", stacklevel=2)
+    converged = stopped != "max_iter"
     if not converged:
         warnings.warn(f"critical_alpha did not converge in max_iter={max_iter} Lanczos steps (tol={tol:.2g}); "
                       "increase max_iter or tol", stacklevel=2)
@@ -378,4 +391,5 @@ def critical_alpha(
         curvature=curvature,
         lowest_curvature=lowest,
         products=products,
+        stopped=stopped,
     )
