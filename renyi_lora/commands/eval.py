@@ -93,9 +93,10 @@ def run_eval(args: EvalArguments) -> dict:
     weights = route_weights(args.route_examples, ensemble, tokenizer, args.weights, args.batch_size)
 
     def evaluate(batch):
-        return evaluate_multiple_choice(ensemble, tokenizer, batch, args.length_normalize, args.batch_size,
-                                        weights, args.base_only, args.members, input_scores=args.input_scores,
-                                        progress=True, route_on_prompt=args.route_on_prompt)
+        return evaluate_multiple_choice(ensemble, tokenizer, batch, length_normalize=args.length_normalize,
+                                        batch_size=args.batch_size, weights=weights, base_only=args.base_only,
+                                        member_ids=args.members, input_scores=args.input_scores, progress=True,
+                                        route_on_prompt=args.route_on_prompt)
 
     results = evaluate(items)
     results.update(data=args.data, model=args.model, adapters=args.adapters)
@@ -121,8 +122,9 @@ def run_sft_eval(args: EvalArguments) -> dict:
     ensemble, tokenizer = load_for_inference(args.model, args.adapters, args.members, args.trust_remote_code,
                                              args.device)
     weights = route_weights(args.route_examples, ensemble, tokenizer, args.weights, args.batch_size)
-    results = evaluate_sft(ensemble, tokenizer, args.data, weights, args.route_on_prompt, args.base_only, args.members,
-                           args.batch_size, args.max_length, progress=True)
+    results = evaluate_sft(ensemble, tokenizer, args.data, weights=weights, route_on_prompt=args.route_on_prompt,
+                           base_only=args.base_only, member_ids=args.members, batch_size=args.batch_size,
+                           max_length=args.max_length, progress=True)
     results.update(data=args.data, model=args.model, adapters=args.adapters)
     if args.route_examples:
         results["route_examples"] = {"data": args.route_examples, "weights": weights}

@@ -81,8 +81,9 @@ def run_generate(args: GenerateArguments) -> list[GenerationResult]:
     weights = route_weights(args.route_examples, ensemble, tokenizer, args.weights)
     disabled = ensemble.adapters_disabled() if args.base_only else contextlib.nullcontext()
     with disabled:
-        results = generate(ensemble, tokenizer, prompts, args.mode, args.max_new_tokens, args.do_sample,
-                           args.temperature, args.top_p, args.seed, args.route_on_prompt, args.alpha, weights,
+        results = generate(ensemble, tokenizer, prompts, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                           do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                           route_on_prompt=args.route_on_prompt, alpha=args.alpha, weights=weights,
                            mixture=args.mixture)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ def _eos_ids(tokenizer: PreTrainedTokenizerBase, ensemble: LoraEnsemble, eos_tok
 
 
 @torch.no_grad()
-def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], *,
              mode: Mode = "mixture", max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, route_on_prompt: bool = False, alpha: float = 1.0,
              weights: Sequence[float] | torch.Tensor | None = None, eos_token_id: int | list[int] | None = None,

@@ -253,7 +253,7 @@ def multiple_choice_metrics(member_log_probs: torch.Tensor, answers: torch.Tenso
 
 
 def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase,
-                             items: Sequence[MultipleChoiceItem], length_normalize: bool = False,
+                             items: Sequence[MultipleChoiceItem], *, length_normalize: bool = False,
                              batch_size: int = 16, weights: Sequence[float] | None = None, base_only: bool = False,
                              member_ids: Sequence[int] | None = None, num_bins: int = 15,
                              input_scores: bool = False, progress: bool = False, shared_prompt: bool = True,

@@ -107,7 +107,7 @@ def sft_metrics(loglik: torch.Tensor, log_weights: torch.Tensor, num_tokens: tor
             num_tokens), "groups": by_group, "nmi": nmi}
 
 
-def evaluate_sft(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, source: Any,
+def evaluate_sft(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, source: Any, *,
                  weights: Sequence[float] | torch.Tensor | None = None, route_on_prompt: bool = False,
                  base_only: bool = False, member_ids: Sequence[int] | None = None, batch_size: int = 8,
                  max_length: int = 1024, progress: bool = False, split: str | None = None,
