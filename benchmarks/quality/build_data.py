@@ -384,24 +384,31 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_builder(config_class, build, summarize, name: str, doc: str, argv: list[str] | None,
+                manifest_name: str) -> None:
+    """The command line of a data builder: parse ``config_class``, ``build(config)`` -> manifest, print
+    ``summarize(manifest)``; bad input exits 1 with one line."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((QualityDataConfig,), prog="python -m benchmarks.quality.build_data",
-                              description=__doc__.split("\n")[0])
+    parser = HfArgumentParser((config_class,), prog=f"python -m benchmarks.quality.{name}",
+                              description=doc.split("\n")[0])
     try:
         (config,) = parser.parse_args_into_dataclasses(argv)
     except ValueError as error:
         parser.error(str(error))
     start = time.perf_counter()
     try:
-        manifest = build_from_config(config)
+        manifest = build(config)
     except (FileNotFoundError, DataError, ValueError) as error:
-        print(f"build_data: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(summary(manifest))
-    print(f"\nwrote {len(manifest['files'])} files and manifest.json to {config.out} in "
+    print(summarize(manifest))
+    print(f"\nwrote {len(manifest['files'])} files and {manifest_name} to {config.out} in "
           f"{time.perf_counter() - start:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_builder(QualityDataConfig, build_from_config, summary, "build_data", __doc__, argv, "manifest.json")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 from transformers import AutoTokenizer
 
+from benchmarks.quality.build_data import run_builder
 from renyi_lora.data.records import DataError
 from renyi_lora.data.sft import Encoder
 from renyi_lora.models import EMBEDDED, cache_dir, load_tokenizer
@@ -354,23 +353,7 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser((SurveyDataConfig,), prog="python -m benchmarks.quality.survey",
-                              description=__doc__.split("\n")[0])
-    try:
-        (config,) = parser.parse_args_into_dataclasses(argv)
-    except ValueError as error:
-        parser.error(str(error))
-    start = time.perf_counter()
-    try:
-        manifest = build_survey(config)
-    except (FileNotFoundError, DataError, ValueError) as error:
-        print(f"survey: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(summary(manifest))
-    print(f"\nwrote {len(manifest['files'])} files and survey_manifest.json to {config.out} in "
-          f"{time.perf_counter() - start:.1f} s")
+    run_builder(SurveyDataConfig, build_survey, summary, "survey", __doc__, argv, "survey_manifest.json")
 
 
 if __name__ == "__main__":
