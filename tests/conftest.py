@@ -49,12 +49,16 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from renyi_lora.config import DPOConfig
+from renyi_lora.config import (  # noqa: E402
+    DPOConfig,
+    EnsembleConfig,
+    RenyiConfig,  # noqa: E402
+)
 from renyi_lora.data.preference import PreferenceCollator, load_preference_dataset  # noqa: E402
 from renyi_lora.data.sft import SFTCollator, TokenizedDataset, load_sft_dataset  # noqa: E402
 from renyi_lora.ensemble import LoraEnsemble  # noqa: E402
 from renyi_lora.training.dpo import RenyiDPOTrainer  # noqa: E402
-from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer  # noqa: E402
+from renyi_lora.training.trainer import RenyiTrainer  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -246,3 +250,32 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def weighted_members(model, num_members: int = 3, pi=(0.5, 0.3, 0.2), std: float = 0.5, seed: int = 0):
+    """An ensemble of distinct members (random B, ``std``) with mixture weights ``pi`` (as if learned; None =
+    uniform), for tests of the mixture's scores against slow per-member oracles."""
+    ensemble = LoraEnsemble(model, EnsembleConfig(num_members=num_members, init_seed=seed))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in ensemble.lora_layers().values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * std)
+        if pi is not None:
+            ensemble.mixture_weights.copy_(torch.tensor(pi))
+    return ensemble
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def member_token_logprobs(ensemble, ids: list[int]) -> torch.Tensor:
+    """Slow oracle: ``[K, T-1]`` log p_k(ids[t] | ids[:t]) for t >= 1, each member run alone, full log-softmax."""
+    rows = []
+    with torch.no_grad():
+        for k in range(ensemble.num_members):
+            with ensemble.members(k, k + 1):
+                log_probs = torch.log_softmax(ensemble(torch.tensor([ids]))[0, 0].double(), dim=-1)  # [T, V]
+            rows.append(log_probs[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0])
+    return torch.stack(rows)
+

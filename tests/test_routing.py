@@ -9,10 +9,10 @@ import re
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import ids_of, make_llama, member_token_logprobs, weighted_members
 
 from renyi_lora.cli import main
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.evaluation.generate import generate
 from renyi_lora.evaluation.inference import load_for_inference, pad_right
 from renyi_lora.evaluation.ood import prompt_scores
@@ -30,29 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_ensemble(model, num_members: int = 3, std: float = 0.5, seed: int = 0, pi=PI) -> LoraEnsemble:
     """Distinct members (random B) with mixture weights ``pi`` (as if learned)."""
-    ensemble = LoraEnsemble(model, EnsembleConfig(num_members=num_members, init_seed=seed))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in ensemble.lora_layers().values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * std)
-        if pi is not None:
-            ensemble.mixture_weights.copy_(torch.tensor(pi))
-    return ensemble
-
-
-def ids_of(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def member_token_logprobs(ensemble, ids: list[int]) -> torch.Tensor:
-    """Slow oracle: ``[K, T-1]`` log p_k(ids[t] | ids[:t]) for t >= 1, one member at a time, full log-softmax."""
-    rows = []
-    with torch.no_grad():
-        for k in range(ensemble.num_members):
-            with ensemble.members(k, k + 1):
-                log_probs = torch.log_softmax(ensemble(torch.tensor([ids]))[0, 0].double(), dim=-1)  # [T, V]
-            rows.append(log_probs[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0])
-    return torch.stack(rows)
+    return weighted_members(model, num_members, pi, std, seed)
 
 
 def test_prior_is_the_saved_weights_unless_given(tokenizer, tiny_llama):

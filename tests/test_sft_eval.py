@@ -10,11 +10,13 @@ import math
 
 import pytest
 import torch
+from conftest import ids_of, weighted_members
+from conftest import member_token_logprobs as oracle_logprobs
 from sklearn.metrics import normalized_mutual_info_score
 
 from renyi_lora.cli import main
 from renyi_lora.data.sft import load_sft_dataset
-from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble
+from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.evaluation.inference import encode_prompt
 from renyi_lora.evaluation.multiple_choice import MultipleChoiceItem, evaluate_multiple_choice
 from renyi_lora.evaluation.routing import prompt_log_weights
@@ -35,29 +37,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_ensemble(model, pi=PI, std: float = 0.5, seed: int = 0) -> LoraEnsemble:
-    ensemble = LoraEnsemble(model, EnsembleConfig(num_members=3, init_seed=seed))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in ensemble.lora_layers().values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * std)
-        ensemble.mixture_weights.copy_(torch.tensor(pi))
-    return ensemble
-
-
-def ids_of(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return weighted_members(model, 3, pi, std, seed)
 
 
 def member_token_logprobs(ensemble, ids: list[int]) -> torch.Tensor:
-    """Slow oracle: ``[K, T]`` log p_k(ids[t] | ids[:t]) (0 at t = 0), each member run alone, full log-softmax."""
-    rows = []
-    with torch.no_grad():
-        for k in range(ensemble.num_members):
-            with ensemble.members(k, k + 1):
-                log_probs = torch.log_softmax(ensemble(torch.tensor([ids]))[0, 0].double(), dim=-1)  # [T, V]
-            rows.append(torch.cat([torch.zeros(1, dtype=torch.float64),
-                                   log_probs[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]]))
-    return torch.stack(rows)
+    """``[K, T]``: conftest's oracle with 0 at t = 0."""
+    shifted = oracle_logprobs(ensemble, ids)  # [K, T-1]
+    return torch.cat([torch.zeros(len(shifted), 1, dtype=shifted.dtype), shifted], dim=1)
 
 
 def hand_scores(ensemble, tokenizer, records) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
