@@ -11,14 +11,12 @@ against 49).
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import make_trainer
 
-from renyi_lora.data.sft import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import LoraEnsemble
 from renyi_lora.objective import gradient_weights, renyi_loss, routed_loss
 from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer
@@ -120,16 +118,9 @@ def survey_records(seed: int, n: int, types: int = 4, items: int = 6, noise: flo
 
 def train_survey(tmp_path, records: list[dict], seed: int, steps: int, hidden_size: int = 64, **flags
                  ) -> RenyiTrainer:
-    tokenizer = make_tokenizer()
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    dataset = load_sft_dataset(path, tokenizer, max_length=256)
-    args = RenyiConfig(output_dir=str(tmp_path / "out"), alpha=1.0, learning_rate=3e-3, max_steps=steps, seed=seed,
-                       per_device_train_batch_size=8, use_cpu=True, report_to="none", save_strategy="no",
-                       disable_tqdm=True, logging_strategy="no", **flags)
-    ensemble = LoraEnsemble(make_llama(len(tokenizer), seed=seed, hidden_size=hidden_size), args.ensemble_config())
-    trainer = RenyiTrainer(model=ensemble, args=args, group_names=dataset.group_names, train_dataset=dataset,
-                           data_collator=SFTCollator(tokenizer.pad_token_id))
+    trainer = make_trainer(tmp_path, records, max_length=256, model_seed=seed, hidden_size=hidden_size, alpha=1.0,
+                           learning_rate=3e-3, max_steps=steps, seed=seed, per_device_train_batch_size=8,
+                           logging_strategy="no", **flags).trainer
     trainer.train()
     return trainer
 
