@@ -67,7 +67,9 @@ def step_cost(base, tokenizer, dataset, rounds: int) -> None:
             optimizer.zero_grad(set_to_none=True)
             counted[0] = 0
             token = ensemble(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])  # [K, B, T]
-            loglik = sequence_loglik(token, batch["labels"]) - offset  # [K, B]
+            loglik = sequence_loglik(token, batch["labels"])  # [K, B]
+            # Member k trails member 0 by exactly offset[k] whatever the steps so far did (gradients still flow to all).
+            loglik = loglik - (loglik - loglik[:1]).detach() - offset
             loss, _ = objective.renyi_loss(loglik, 1.0)
             loss.backward()
             subnormals[name] = counted[0]
