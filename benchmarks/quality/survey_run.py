@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -57,7 +58,7 @@ class SurveyArguments:
                                  "quality-data (default: benchmarks/quality/data, or its quick/ folder with --quick)."})
     model: str = field(default="smollm2-135m", metadata={"help": "Base causal LM (Llama-family decoder)."})
     quick: bool = field(default=False, metadata={"help": "The quick data (400 training respondents per survey), "
-                        "one seed."})
+                        "one seed, 30 steps."})
     rows: list[str] | None = field(default=None, metadata={"help": "Rows to run (default: all); the anchors always."})
     seeds: list[int] | None = field(default=None, metadata={"help": "Default: 0 with --quick, else 0 1 2."})
     validation: bool = field(default=False, metadata={"help": "Score the validation split instead of the test "
@@ -65,10 +66,13 @@ class SurveyArguments:
     num_members: int = 4
     rank: int = 8
     top_layers: int = field(default=1, metadata={"help": "LoRA on the top N decoder layers (all linear modules)."})
-    max_steps: int = field(default=60, metadata={"help": "Optimizer steps of every row (and of every deep-ensemble "
-                           "member)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps of every row and of every "
+                                  "deep-ensemble member (default 60, or 30 with --quick: what the time budget allows; "
+                                  "validation prefers more, see quality_survey_validation.md)."})
     batch_size: int = 8
-    learning_rate: float = 2e-3
+    learning_rate: float = field(default=4e-3, metadata={"help": "AdamW learning rate of every row (4e-3: the "
+                                 "single adapter's best validation NLL at 60 steps over both surveys among 5e-4 to "
+                                 "1.6e-2)."})
     targets: str = field(default="answers", metadata={"help": "'answers': the loss on the answer tokens only; "
                          "'completion': on the whole completion (every line's text too)."})
     bf16: bool = field(default=True, metadata={"help": "Train under CPU bfloat16 autocast (scoring stays float32)."})
@@ -79,6 +83,8 @@ class SurveyArguments:
     threads: int | None = field(default=None, metadata={"help": "torch threads (1 on a machine busy with other jobs)."})
 
     def __post_init__(self) -> None:
+        if self.max_steps is None:
+            self.max_steps = 30 if self.quick else 60
         unknown = [name for name in self.surveys if name not in SURVEYS]
         if unknown:
             raise ValueError(f"--surveys {unknown}: expected some of {sorted(SURVEYS)}")
@@ -234,15 +240,15 @@ class SurveyTask:
 def run_survey(args: SurveyArguments, task: SurveyTask, rows: list[Row], seeds: list[int]) -> dict:
     """``{"results": {split: {row: [per seed]}}, "loads": {row: [per seed]}, "minutes": {row: m}}``."""
     results = {split: {} for split in task.splits}
-    loads, minutes = {}, {}
-    start = time.perf_counter()
+    loads, minutes, cpu = {}, {}, {}
+    start, cpu_start = time.perf_counter(), time.process_time()
     for seed in seeds:
         for name, per_split in task.anchors(seed).items():
             for split, result in per_split.items():
                 results[split].setdefault(name, []).append(result)
-    minutes["anchors"] = (time.perf_counter() - start) / 60
+    minutes["anchors"], cpu["anchors"] = (time.perf_counter() - start) / 60, (time.process_time() - cpu_start) / 60
     for row in rows:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for seed in seeds:
             torch.manual_seed(seed)
             ensemble, load = task.build(row, seed)
@@ -254,8 +260,9 @@ def run_survey(args: SurveyArguments, task: SurveyTask, rows: list[Row], seeds: 
             print(f"{task.name} {row.name} seed {seed}: joint NLL {first['joint']['nll']:.3f}, k=3 NLL "
                   f"{first['steering']['3']['nll']:.3f}, NMI {first['party']['nmi']:.3f}, rho "
                   f"{first['items']['spearman']}, loads {load}", flush=True)
-        minutes[row.name] = (time.perf_counter() - start) / 60
-    return {"results": results, "loads": loads, "minutes": minutes, "train": len(task.train_respondents.answers),
+        minutes[row.name], cpu[row.name] = (time.perf_counter() - start) / 60, (time.process_time() - cpu_start) / 60
+    return {"results": results, "loads": loads, "minutes": minutes, "cpu_minutes": cpu,
+            "train": len(task.train_respondents.answers),
             "held_out": {split: len(r.answers) for split, r in task.splits.items()}}
 
 
@@ -271,19 +278,22 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--rows {unknown}: expected some of {[r.name for r in rows]}")
         rows = [r for r in rows if r.name in args.rows]
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    start = time.perf_counter()
+    start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()
     data_dir = Path(args.data_dir or ROOT / "benchmarks/quality/data" / ("quick" if args.quick else ""))
     model, tokenizer = load_model_and_tokenizer(args.model, torch_dtype=torch.float32)
     model.eval()
     report = {}
     for name in args.surveys:
-        task_start = time.perf_counter()
+        task_start, task_cpu = time.perf_counter(), time.process_time()
         task = SurveyTask(args, name, model, tokenizer, data_dir)
+        setup = {"wall": (time.perf_counter() - task_start) / 60, "cpu": (time.process_time() - task_cpu) / 60}
         print(f"{name}: {len(task.train_data)} training respondents, {args.max_steps} steps of {args.batch_size}; "
               + ", ".join(f"{s} {len(r.answers)}" for s, r in task.splits.items()), flush=True)
         report[name] = run_survey(args, task, rows, seeds)
-        report[name]["minutes"]["total"] = (time.perf_counter() - task_start) / 60
-    total = (time.perf_counter() - start) / 60
+        report[name]["minutes"].update(total=(time.perf_counter() - task_start) / 60, setup=setup["wall"])
+        report[name]["cpu_minutes"].update(total=(time.process_time() - task_cpu) / 60, setup=setup["cpu"])
+    total = {"wall": (time.perf_counter() - start) / 60, "cpu": (time.process_time() - cpu_start) / 60,
+             "load_average_start": load_start, "load_average_end": os.getloadavg()}
     stem = Path(args.out) / ("quality_survey" + ("_quick" if args.quick else "") + ("_val" if args.validation else "")
                              + (f"_{args.tag}" if args.tag else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,6 @@ target checks, and two figures per survey (MI vs JS scatter, party x member heat
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +43,9 @@ def cell(values: list[float | None], digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
-def main_table(methods: dict[str, list[dict]], loads: dict[str, list[dict]], minutes: dict[str, float]) -> str:
-    head = ["method", "K", "seeds", *COLUMNS, *LOAD_COLUMNS, "min"]
+def main_table(methods: dict[str, list[dict]], loads: dict[str, list[dict]], minutes: dict[str, float],
+               cpu: dict[str, float]) -> str:
+    head = ["method", "K", "seeds", *COLUMNS, *LOAD_COLUMNS, "min (cpu)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in methods.items():
         per_seed = [metrics_of(r) for r in runs]
@@ -55,7 +55,7 @@ def main_table(methods: dict[str, list[dict]], loads: dict[str, list[dict]], min
         cells += [cell([entry["effective_members"] for entry in row_loads], 2),
                   cell([entry["min_share"] for entry in row_loads], 3),
                   " / ".join(str(entry["revivals"]) for entry in row_loads) or "-"]
-        cells.append(f"{minutes[name]:.1f}" if name in minutes else "-")
+        cells.append(f"{minutes[name]:.1f} ({cpu[name]:.1f})" if name in minutes else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -138,15 +138,17 @@ def scatter(methods: dict[str, list[dict]], names: list[str], path: Path, title:
     return path
 
 
-def write_report(stem: Path, report: dict, args: dict, command: str, minutes: float) -> None:
+def write_report(stem: Path, report: dict, args: dict, command: str, total: dict) -> None:
     """``<stem>.md`` and ``<stem>.json`` (every per-seed result), and the figures ``<stem>_<survey>_*.png``."""
     k = args["num_members"]
     renyi, deep, lcm = f"renyi K={k} a=1", f"deep ensemble K={k}", f"latent classes K={k} (EM)"
-    load = os.getloadavg()
+    start, end = total["load_average_start"], total["load_average_end"]
     lines = [f"# Survey task: adapters, ensembles and the classical anchors{' (quick)' if args['quick'] else ''}", "",
-             f"`{command}`: {minutes:.1f} min wall in all (load average at the end {load[0]:.2f} / {load[1]:.2f} / "
-             f"{load[2]:.2f} over 1 / 5 / 15 min on a shared 2-core machine; {args['threads'] or 'default'} torch "
-             f"thread(s)). Model {args['model']}, LoRA r={args['rank']} on the top {args['top_layers']} layer(s) "
+             f"`{command}`: {total['wall']:.1f} min wall, {total['cpu']:.1f} min of this process's CPU time, in all "
+             f"(on a 2-core machine shared with other jobs, {args['threads'] or 'default'} torch thread(s); load "
+             f"average over 1 / 5 / 15 min {' / '.join(f'{x:.2f}' for x in start)} at the start, "
+             f"{' / '.join(f'{x:.2f}' for x in end)} at the end). Model {args['model']}, LoRA r={args['rank']} on "
+             f"the top {args['top_layers']} layer(s) "
              f"(all linear), {args['max_steps']} steps of {args['batch_size']} respondents for every row and every "
              f"deep-ensemble member (lr {args['learning_rate']}, loss on the {args['targets']} tokens, "
              f"{'bf16 autocast' if args['bf16'] else 'float32'} training, float32 scoring), seeds {args['seeds']}. "
@@ -159,12 +161,13 @@ def write_report(stem: Path, report: dict, args: dict, command: str, minutes: fl
              "no-context MI per item with the Democrat / Republican JS divergence; training loads of the ensemble "
              "rows: effective members (exp of the routing entropy, mean per example) and the smallest member's share "
              "in the last logging window of 10 steps (its per-party responsibilities weighted by the parties' training "
-             "shares), revivals per seed; min: wall minutes of the row (all seeds, training and scoring).", ""]
+             "shares), revivals per seed; min (cpu): wall minutes of the row, all seeds, training and scoring (this "
+             "process's CPU minutes: the wall time on an otherwise idle core).", ""]
     for survey, entry in report.items():
         for split, methods in entry["results"].items():
             count = next(iter(methods.values()))[0]["joint"]["respondents"]
             lines += [f"## {survey.upper()} {split} ({count} respondents; trained on {entry['train']})", "",
-                      main_table(methods, entry["loads"], entry["minutes"]), ""]
+                      main_table(methods, entry["loads"], entry["minutes"], entry["cpu_minutes"]), ""]
             checks = target_checks(methods, k)
             if checks:
                 lines += [f"Targets for {renyi} ({survey.upper()} {split}):", "", "| target | measured | verdict |",
@@ -190,8 +193,10 @@ def write_report(stem: Path, report: dict, args: dict, command: str, minutes: fl
         if learned:
             lines += [f"{survey.upper()}: learned pi per seed: {[e['mixture_weights'] for e in learned]}; member "
                       f"shares in the last window: {[e['shares'] for e in learned]}.", ""]
-        lines += [f"{survey.upper()}: {entry['minutes']['total']:.1f} min in all (anchors "
-                  f"{entry['minutes']['anchors'] * 60:.0f} s).", ""]
+        wall, cpu = entry["minutes"], entry["cpu_minutes"]
+        lines += [f"{survey.upper()}: {wall['total']:.1f} min wall ({cpu['total']:.1f} CPU) in all; loading the rows "
+                  f"and the trunk states {wall['setup']:.1f} ({cpu['setup']:.1f}), the anchors "
+                  f"{wall['anchors'] * 60:.0f} s.", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     (stem.parent / f"{stem.name}.json").write_text(json.dumps(
-        {"command": command, "args": args, "minutes": minutes, "load_average": load, "report": report}, indent=1))
+        {"command": command, "args": args, "total": total, "report": report}, indent=1))
