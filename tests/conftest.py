@@ -81,6 +81,18 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def merged_tokenizer() -> PreTrainedTokenizerFast:
+    """Characters, plus " yes" and " no" merged into one token each (SmolLM2's layout: a word with its leading space
+    is one token, a digit follows a space token)."""
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    merges = [(" ", "y"), (" y", "e"), (" ye", "s"), (" ", "n"), (" n", "o")]
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + chars + [a + b for a, b in merges])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None))
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token=None)
+
+
 def make_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_layers: int = 2) -> LlamaForCausalLM:
     """Tiny random Llama. initializer_range=0.1 lets a frozen head reach confident logits."""
     torch.manual_seed(seed)

@@ -8,14 +8,11 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import string
 
 import numpy as np
 import pytest
 import torch
-from conftest import SPECIAL_TOKENS, make_llama
-from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
+from conftest import make_llama, merged_tokenizer
 
 from benchmarks.quality import survey_anchors as anchors
 from benchmarks.quality import survey_metrics as metrics
@@ -276,18 +273,6 @@ def test_item_disagreement_by_hand():
     assert result["spearman"] == pytest.approx(1.0)
     one = metrics.item_disagreement(no_context[:1], np.zeros(1), answers, groups, [2, 2, 2])
     assert one["spearman"] is None  # one member: MI is 0 everywhere
-
-
-def merged_tokenizer() -> PreTrainedTokenizerFast:
-    """Characters, plus " yes" and " no" merged into one token each (SmolLM2's layout: a word with its leading space
-    is one token, a digit follows a space token)."""
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    merges = [(" ", "y"), (" y", "e"), (" ye", "s"), (" ", "n"), (" n", "o")]
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + chars + [a + b for a, b in merges])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None))
-    backend.add_special_tokens(SPECIAL_TOKENS)
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token=None)
 
 
 TINY = Survey("tiny", "Answers.\n", (Item("a", "qa", (" yes", " no"), (1.0, 0.0)),

@@ -13,6 +13,7 @@ on a truncated copy of the model. Usage (after ``make quality-data``):
 
     python -m benchmarks.quality.run --task mmlu --quick          # <= 10 min on 2 CPU cores
     python -m benchmarks.quality.run --task mmlu                  # the full table
+    python -m benchmarks.quality.run --task survey --quick        # survey respondents (benchmarks.quality.survey_run)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
+from benchmarks.quality import survey_run
 from benchmarks.quality.trunk import TrunkStates, truncated_model
 from renyi_lora.data.sft import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble, load_adapter_mixture
@@ -293,7 +295,20 @@ def write_figures(raw: dict[str, list[dict]], stem: Path, names: list[str]) -> l
     return paths
 
 
+def task_of(argv: list[str]) -> str | None:
+    """The value of ``--task`` in ``argv`` (``--task survey`` or ``--task=survey``)."""
+    for i, arg in enumerate(argv):
+        if arg == "--task" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--task="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    if task_of(sys.argv[1:] if argv is None else argv) == "survey":  # its own rows, flags and metrics
+        survey_run.main(argv)
+        return
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(argv)
     torch.manual_seed(0)
     if args.threads:
