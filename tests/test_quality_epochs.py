@@ -38,9 +38,10 @@ def test_split_is_disjoint_and_sized(tmp_path):
 
 
 def test_driver_scores_every_row_at_every_budget(tokenizer, tmp_path):
-    """Tiny model, 16 training items in batches of 8 (2 steps an epoch), budgets 1 and 2 epochs: every row has test
-    and validation scores at both; the constant schedule makes the 1-epoch snapshot of a 2-epoch run equal a 1-epoch
-    run; the K = 1 row has no disagreement, the ensembles do; the table, JSON and plot are written."""
+    """Tiny model, 16 training items in batches of 8 (2 steps an epoch), budgets 1 and 2 epochs, rows run in two parts
+    and merged: every row has test and validation scores at both; the constant schedule makes the 1-epoch snapshot
+    of a 2-epoch run equal a 1-epoch run; the K = 1 row has no disagreement, the ensembles do; the table, JSON and
+    plot are written."""
     model = make_llama(len(tokenizer), num_layers=3)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -48,8 +49,11 @@ def test_driver_scores_every_row_at_every_budget(tokenizer, tmp_path):
     common = ["--task", "tiny", "--data_dir", str(tmp_path), "--model", str(tmp_path / "model"), "--top_layers", "1",
               "--num_members", "2", "--train_items", "16", "--val_items", "4", "--test_items", "6", "--batch_size",
               "8", "--learning_rate", "1e-2", "--cache_dir", str(tmp_path / "cache")]
-    results = main(common + ["--epochs", "1", "2", "--out", str(tmp_path / "out")])
     rows = ["LoRA r", "deep ensemble K=2", "renyi K=2 a=0", "renyi K=2 a=1"]
+    for tag, part in (("a", rows[:2]), ("b", rows[2:])):  # two processes' worth, merged below
+        main(common + ["--epochs", "1", "2", "--rows", *part, "--out", str(tmp_path / "parts"), "--tag", tag])
+    results = main(["--merge", str(tmp_path / "parts" / "quality_epochs_a.json"),
+                    str(tmp_path / "parts" / "quality_epochs_b.json"), "--out", str(tmp_path / "out")])
     assert list(results) == rows
     for row in rows:
         assert sorted(results[row][0]["epochs"]) == [1, 2]
@@ -65,5 +69,6 @@ def test_driver_scores_every_row_at_every_budget(tokenizer, tmp_path):
     saved = json.loads((tmp_path / "out" / "quality_epochs.json").read_text())
     assert saved["target"]["epochs"] in (1, 2) and "renyi K=2 a=1" in saved["target"]
     text = (tmp_path / "out" / "quality_epochs.md").read_text()
-    assert "| deep ensemble K=2 |" in text and "Target for renyi K=2 a=1" in text
+    assert "| deep ensemble K=2 |" in text and "| renyi K=2 a=0 |" in text and "Target for renyi K=2 a=1" in text
+    assert "--tag a" in text and "--tag b" in text  # both commands
     assert (tmp_path / "out" / "quality_epochs.png").stat().st_size > 0

@@ -60,6 +60,11 @@ class EpochArguments:
                                  "decay) unless --lr_scheduler_type says otherwise."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "The Trainer's schedule over the longest "
                                    "budget; constant makes each snapshot equal a run of its own length."})
+    eval_splits: list[str] = field(default_factory=lambda: ["val", "test"], metadata={"help": "Splits scored at "
+                                   "each budget (val alone while choosing settings)."})
+    merge: list[str] | None = field(default=None, metadata={"help": "Write one report from these JSON files of "
+                                    "earlier runs (e.g. rows or seeds run in parallel processes) instead of running; "
+                                    "the other flags are the first file's, except --out and --tag."})
     tag: str = field(default="", metadata={"help": "Suffix of the output files' names."})
     out: str = str(ROOT / "benchmarks/results")
     cache_dir: str = str(Path.home() / ".cache/renyi-lora/quality")
@@ -71,6 +76,8 @@ class EpochArguments:
         for name in ("train_items", "val_items", "test_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
+        if not self.eval_splits or not set(self.eval_splits) <= {"val", "test"}:
+            raise ValueError(f"--eval_splits must be among val, test; got {self.eval_splits}")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -168,8 +175,8 @@ class EpochStudy:
         return snapshots.taken
 
     def evaluate(self, ensemble: LoraEnsemble) -> dict:
-        return {split: evaluate_multiple_choice(ensemble.eval(), self.bench.tokenizer, items, batch_size=32,
-                                                shared_prompt=False) for split, items in self.bench.splits.items()}
+        return {split: evaluate_multiple_choice(ensemble.eval(), self.bench.tokenizer, self.bench.splits[split],
+                                                batch_size=32, shared_prompt=False) for split in self.args.eval_splits}
 
     def run(self, row: Row, seed: int) -> dict[int, dict]:
         """``{epochs: {split: evaluation}}`` of one row and seed."""
@@ -201,6 +208,8 @@ class EpochStudy:
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(EpochArguments).parse_args_into_dataclasses(argv)
+    if args.merge:
+        return merge(args)
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,41 +236,73 @@ def main(argv: list[str] | None = None) -> dict:
                 print(name, seed, e, {split: {m: round(v, 4) for m, v in s.items()} for split, s in got.items()},
                       flush=True)
         minutes[name] = (time.perf_counter() - row_start) / 60
-    total = (time.perf_counter() - start) / 60
-    write_report(args, argv, results, minutes, total, len(bench.train_data), study.steps_per_epoch,
-                 {s: len(i) for s, i in bench.splits.items()})
+    run = {"command": " ".join(sys.argv[1:] if argv is None else argv), "args": asdict(args), "results": results,
+           "minutes": minutes, "total_minutes": (time.perf_counter() - start) / 60,
+           "train_size": len(bench.train_data), "steps_per_epoch": study.steps_per_epoch,
+           "sizes": {s: len(i) for s, i in bench.splits.items()}}
+    write_report(args, [run])
     return results
 
 
-def write_report(args: EpochArguments, argv: list[str] | None, results: dict, minutes: dict, total: float,
-                 train_size: int, steps_per_epoch: int, sizes: dict) -> Path:
+def merge(args: EpochArguments) -> dict:
+    """One report from several runs' JSON files: their rows side by side, a row's seeds pooled."""
+    runs = []
+    for path in args.merge:
+        runs += json.loads(Path(path).read_text())["runs"]
+    for run in runs:  # JSON keys are strings
+        run["results"] = {row: [{**r, "epochs": {int(e): v for e, v in r["epochs"].items()}} for r in per_seed]
+                          for row, per_seed in run["results"].items()}
+    first = EpochArguments(**{**runs[0]["args"], "merge": args.merge, "out": args.out, "tag": args.tag})
+    write_report(first, runs)
+    results = {}
+    for run in runs:
+        for row, per_seed in run["results"].items():
+            results.setdefault(row, []).extend(per_seed)
+    return results
+
+
+def write_report(args: EpochArguments, runs: list[dict]) -> Path:
+    """The table (``.md``), all numbers (``.json``) and the figure (``.png``) of one or more runs (see ``merge``)."""
+    results, minutes = {}, {}
+    for run in runs:
+        for row, per_seed in run["results"].items():
+            results.setdefault(row, []).extend(per_seed)
+            minutes[row] = minutes.get(row, 0.0) + run["minutes"][row]
+    first = runs[0]
     k = args.num_members
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_epochs{'_' + args.tag if args.tag else ''}"
-    command = " ".join(sys.argv[1:] if argv is None else argv)
-    lines, target = report.findings(results, args.epochs, f"deep ensemble K={k}",
-                                    [f"renyi K={k} a=0", f"renyi K={k} a=1"])
+    lines, target = [], {}
+    if "test" in args.eval_splits:
+        lines, target = report.findings(results, args.epochs, f"deep ensemble K={k}",
+                                        [f"renyi K={k} a=0", f"renyi K={k} a=1"])
+    commands = "; ".join(f"`python -m benchmarks.quality.epochs {run['command']}` ({run['total_minutes']:.1f} min)"
+                         for run in runs)
+    train_size, steps_per_epoch, sizes = first["train_size"], first["steps_per_epoch"], first["sizes"]
     text = (f"# Calibration over training length: {args.task}\n\n"
-            f"`python -m benchmarks.quality.epochs {command}`: {total:.1f} min wall in all ("
-            + ", ".join(f"{name} {m:.1f}" for name, m in minutes.items()) + " min). "
+            f"{commands}{'; run in parallel, one process each' if len(runs) > 1 else ''}. Minutes per row: "
+            + ", ".join(f"{name} {m:.1f}" for name, m in minutes.items()) + ". "
             f"Model {args.model}, LoRA r={args.rank} on the top {args.top_layers} layers (all linear), batch "
             f"{args.batch_size}, lr {args.learning_rate} ({args.lr_scheduler_type} schedule), {steps_per_epoch} steps "
             f"per epoch; every row trained once for {args.epochs[-1]} epochs and scored at {args.epochs}; seeds "
             f"{args.seeds} (mean±std over seeds where several). {train_size} training questions, "
             + ", ".join(f"{s} {n}" for s, n in sizes.items()) + " questions (split seed "
-            f"{args.split_seed}).\n\n## Test: accuracy / ECE / NLL\n\n"
-            + report.table(results, args.epochs, "test", ("acc", "ece", "nll"))
-            + "\n\n## Test: mean confidence / mean MI / members' mean ECE\n\n"
-            + report.table(results, args.epochs, "test", ("conf", "mi", "member_ece"))
-            + "\n\n## Validation: accuracy / ECE / NLL\n\n"
-            + report.table(results, args.epochs, "val", ("acc", "ece", "nll"))
-            + "\n\n## Findings (computed)\n\n" + "\n".join(lines) + "\n")
+            f"{args.split_seed}).\n")
+    for split in ("test", "val"):
+        if split in args.eval_splits:
+            name = "Test" if split == "test" else "Validation"
+            text += (f"\n## {name}: accuracy / ECE / NLL\n\n" + report.table(results, args.epochs, split,
+                                                                           ("acc", "ece", "nll"))
+                     + f"\n\n## {name}: mean confidence / mean MI / members' mean ECE\n\n"
+                     + report.table(results, args.epochs, split, ("conf", "mi", "member_ece")) + "\n")
+    if lines:
+        text += "\n## Findings (computed)\n\n" + "\n".join(lines) + "\n"
     stem.with_suffix(".md").write_text(text)
-    (stem.parent / f"{stem.name}.json").write_text(json.dumps(
-        {"args": asdict(args), "results": results, "minutes": minutes, "total_minutes": total, "target": target},
-        indent=1))
-    report.plot(results, args.epochs, stem.with_suffix(".png"), f"{args.task}: test calibration vs training length")
+    (stem.parent / f"{stem.name}.json").write_text(json.dumps({"runs": runs, "target": target}, indent=1))
+    split = "test" if "test" in args.eval_splits else "val"
+    report.plot(results, args.epochs, split, stem.with_suffix(".png"),
+                f"{args.task}: {split} calibration vs training length")
     print(text)
     return stem
 

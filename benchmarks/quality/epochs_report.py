@@ -86,14 +86,14 @@ def findings(results: dict, epochs: list[int], deep: str, renyi: list[str]) -> t
     return lines, target
 
 
-def plot(results: dict, epochs: list[int], path: Path, title: str) -> Path:
-    """Accuracy, ECE and NLL (test) against epochs, log x axis, one line per row (error bars: std over seeds)."""
+def plot(results: dict, epochs: list[int], split: str, path: Path, title: str) -> Path:
+    """ECE, NLL and accuracy on ``split`` against epochs, log x axis, one line per row (error bars: std over seeds)."""
     fig = Figure(figsize=(14, 4.2), dpi=110)
     FigureCanvasAgg(fig)  # no pyplot: nothing global changes in the caller's session (as renyi_lora.plots)
     axes = fig.subplots(1, 3)
     for ax, metric, label in zip(axes, ("ece", "nll", "acc"), ("ECE (15 bins)", "NLL", "accuracy"), strict=True):
         for row in results:
-            ys = [values(results, row, e, "test", metric) for e in epochs]
+            ys = [values(results, row, e, split, metric) for e in epochs]
             ax.errorbar(epochs, [mean(y) for y in ys], yerr=[spread(y) for y in ys], marker="o", capsize=3,
                         label=row)
         ax.set_xscale("log")
