@@ -283,7 +283,7 @@ def write_report(args: EpochArguments, runs: list[dict]) -> Path:
     text = (f"# Calibration over training length: {args.task}\n\n"
             f"{commands}{'; run in parallel, one process each' if len(runs) > 1 else ''}. Minutes per row: "
             + ", ".join(f"{name} {m:.1f}" for name, m in minutes.items()) + ". "
-            f"Model {args.model}, LoRA r={args.rank} on the top {args.top_layers} layers (all linear), batch "
+            f"Model {args.model}, LoRA r={args.rank} on the top {args.top_layers} layer(s) (all linear), batch "
             f"{args.batch_size}, lr {args.learning_rate} ({args.lr_scheduler_type} schedule), {steps_per_epoch} steps "
             f"per epoch; every row trained once for {args.epochs[-1]} epochs and scored at {args.epochs}; seeds "
             f"{args.seeds} (mean±std over seeds where several). {train_size} training questions, "
