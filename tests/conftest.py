@@ -23,7 +23,9 @@ Where each module's tests live (module in ``renyi_lora/``: files in ``tests/``):
 - demo/: test_demo, test_analogy_data
 - the method's behaviour: test_specialisation, test_group_split (slow seeds), test_alpha_warmup, test_preference
 - the package's shape: test_structure (import circles, wings, sizes)
-- benchmarks/quality: test_quality_data, test_quality_benchmark, test_survey (the survey task)
+- training/upkeep (revival, learned weights, exact-zero gradients): test_upkeep
+- benchmarks/quality: test_quality_data, test_quality_benchmark, test_quality_epochs (the epoch study), test_survey
+  (the survey task), test_survey_run (its rows)
 - the documentation: test_docs_links (relative links and anchors resolve, the README's length and paths)
 
 ``make_trainer`` (and its fixture ``tiny_trainer``) builds what the trainer tests train: records written and

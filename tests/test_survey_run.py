@@ -15,7 +15,7 @@ from benchmarks.quality.survey import ANES, GSS, RespondentEncoder, respondent
 from benchmarks.quality.survey_metrics import load_respondents
 from benchmarks.quality.survey_run import answer_labels, member_loads
 from benchmarks.quality.survey_tables import target_checks
-from renyi_lora.data import load_sft_dataset
+from renyi_lora.data.sft import load_sft_dataset
 from renyi_lora.likelihoods import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -126,7 +126,7 @@ FIGURE_ROWS = ("LoRA r", "deep ensemble K={k}", "renyi K={k} a=1 + prior")
 
 
 class Benchmark:
-    def __init__(self, args: QualityArguments) -> None:
+    def __init__(self, args: QualityArguments, splits: tuple[str, ...] = ("val", "test", "ood")) -> None:
         self.args = args
         data = Path(args.data_dir or ROOT / "benchmarks/quality/data" / ("quick" if args.quick else ""))
         self.model, self.tokenizer = load_model_and_tokenizer(args.model, torch_dtype=torch.float32)
@@ -134,7 +134,7 @@ class Benchmark:
         self.pad = self.tokenizer.pad_token_id
         self.train_data = load_sft_dataset(data / f"{args.task}_train.jsonl", self.tokenizer, max_length=512)
         self.splits = {}
-        for split in ("val", "test", "ood"):
+        for split in splits:
             name = args.ood_file if split == "ood" and args.ood_file else f"{args.task}_{split}_mc.jsonl"
             items = load_multiple_choice(data / name)
             if args.max_items is not None and len(items) > args.max_items:
@@ -169,24 +169,26 @@ class Benchmark:
     def fresh_model(self):
         return truncated_model(self.trunk)
 
-    def train(self, row: Row, seed: int, num_members: int) -> LoraEnsemble:
+    def train(self, row: Row, seed: int, num_members: int, callbacks: tuple = (), **overrides) -> LoraEnsemble:
+        """Train ``row``'s adapters for ``self.steps`` steps; ``overrides`` replace ``RenyiConfig`` fields (e.g. the
+        learning-rate schedule) and ``callbacks`` (``TrainerCallback``) watch the run."""
         args = self.args
         with tempfile.TemporaryDirectory() as output_dir:
-            config = RenyiConfig(
+            config = RenyiConfig(**{**dict(
                 output_dir=output_dir, max_steps=self.steps, per_device_train_batch_size=args.batch_size,
                 learning_rate=args.learning_rate, logging_strategy="no", save_strategy="no", report_to=[],
                 disable_tqdm=True, seed=seed, num_members=num_members, rank=args.rank * row.rank_factor,
                 lora_alpha=2.0 * args.rank * row.rank_factor, target_modules=["all-linear"], alpha=row.alpha,
                 alpha_warmup_steps=round(args.alpha_warmup_ratio * self.steps) if row.warmup else 0,
                 init_lora_b_std=args.init_lora_b_std if row.prior else 0.0,
-                lora_dropout=MC_DROPOUT if row.mc_dropout else 0.0, use_cpu=True)
+                lora_dropout=MC_DROPOUT if row.mc_dropout else 0.0, use_cpu=True), **overrides})
             ensemble = LoraEnsemble(self.fresh_model(), config.ensemble_config())
             data = self.train_data
             if row.text_loss:
                 data = copy.copy(data)
                 data.examples = [{**e, "labels": list(e["input_ids"])} for e in data.examples]
             trainer = RenyiTrainer(model=ensemble, args=config, group_names=data.group_names, train_dataset=data,
-                                   data_collator=SFTCollator(self.pad))
+                                   data_collator=SFTCollator(self.pad), callbacks=list(callbacks))
             trainer.train()
         return ensemble.eval()
 

@@ -39,12 +39,12 @@ from benchmarks.quality.survey_metrics import PARTIES, Respondents, context_free
 from benchmarks.quality.survey_scoring import score
 from benchmarks.quality.survey_tables import write_report
 from benchmarks.quality.trunk import TrunkStates, truncated_model
-from renyi_lora.data import SFTCollator, load_sft_dataset
+from renyi_lora.data.sft import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import LoraEnsemble, load_adapter_mixture
 from renyi_lora.io import export_peft
 from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import load_model_and_tokenizer
-from renyi_lora.train import RenyiConfig, RenyiTrainer
+from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
 EVAL_SPLITS = {"gss": ("test", "test_shift"), "anes": ("test",)}

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from renyi_lora.plots import routing_heatmap
+from renyi_lora.evaluation.plots import routing_heatmap
 
 from .survey_report import party_table
 
