@@ -306,7 +306,7 @@ class LoraEnsemble(nn.Module):
 
 
 def sequence_logliks(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     labels: torch.Tensor, length_normalize: bool = False, chunk_size: int = 1024) -> torch.Tensor:
+                     labels: torch.Tensor, *, length_normalize: bool = False, chunk_size: int = 1024) -> torch.Tensor:
     """Per-member sequence log-likelihood of the completion tokens, ``[K, B]`` (mean over tokens if
     ``length_normalize``)."""
     features, head = ensemble.output_features(input_ids, attention_mask)  # [K, B, T, H or V]

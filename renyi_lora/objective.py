@@ -202,7 +202,7 @@ def routed_loss(
     target_mask: torch.Tensor,
     alpha: float,
     routing_level: str = "sequence",
-    length_normalize: bool = False,
+    *, length_normalize: bool = False,
     floor: float = 0.0,
     log_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -65,7 +65,7 @@ def test_dpo_forward_and_objective_have_no_graph_break(ensemble, reference):
         with torch.no_grad(), switch:
             ref = _sequence_logps(ensemble, inputs)  # [1, 2B] or [K, 2B]
         B = policy.shape[1] // 2
-        loglik, _ = preference_loglik(policy[:, :B], policy[:, B:], ref[..., :B], ref[..., B:], 0.1)
+        loglik, _ = preference_loglik(policy[:, :B], policy[:, B:], ref[..., :B], ref[..., B:], beta=0.1)
         return renyi_loss(loglik, 1.0)[0]
 
     assert_one_graph(dpo, batch(4))

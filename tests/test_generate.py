@@ -213,12 +213,12 @@ def test_choose_tokens_greedy_top_p_and_seed():
     log_probs = torch.log_softmax(torch.tensor([[0.0, 2.0, 1.0, -1.0]] * 2000), dim=-1)
     assert choose_tokens(log_probs).tolist() == [1] * 2000
     # top_p below the top token's mass keeps only the top token
-    assert choose_tokens(log_probs, True, 1.0, 0.5, torch.Generator().manual_seed(0)).unique().tolist() == [1]
-    draw = choose_tokens(log_probs, True, 1.0, 0.9, torch.Generator().manual_seed(0))
+    assert choose_tokens(log_probs, True, 1.0, 0.5, generator=torch.Generator().manual_seed(0)).unique().tolist() == [1]
+    draw = choose_tokens(log_probs, True, 1.0, 0.9, generator=torch.Generator().manual_seed(0))
     assert set(draw.tolist()) == {0, 1, 2}  # the least likely token (3) is outside the 0.9 nucleus
-    again = choose_tokens(log_probs, True, 1.0, 0.9, torch.Generator().manual_seed(0))
+    again = choose_tokens(log_probs, True, 1.0, 0.9, generator=torch.Generator().manual_seed(0))
     assert torch.equal(draw, again)
-    cold = choose_tokens(log_probs, True, 0.05, 1.0, torch.Generator().manual_seed(0))
+    cold = choose_tokens(log_probs, True, 0.05, 1.0, generator=torch.Generator().manual_seed(0))
     assert (cold == 1).float().mean() > 0.99
 
 

@@ -188,8 +188,8 @@ def test_sequence_scores_match_the_library_and_brute_force(setup):
     rows += [(p, c[:-1] + [(c[-1] + 1) % len(tokenizer)]) for p, c in zip(prompts, greedy, strict=True)]
     rows += [(prompts[0], tokenizer.encode(" a longer continuation, over more than one chunk"))]
     input_ids, attention_mask, labels = pad_right([p for p, _ in rows], [c for _, c in rows], 0)
-    scores = harness.sequence_scores(ensemble, input_ids, attention_mask, labels, log_pi, chunk_size=5)
-    library = completion_scores(ensemble, input_ids, attention_mask, labels, log_pi)
+    scores = harness.sequence_scores(ensemble, input_ids, attention_mask, labels, log_weights=log_pi, chunk_size=5)
+    library = completion_scores(ensemble, input_ids, attention_mask, labels, log_weights=log_pi)
     torch.testing.assert_close(scores["member_loglik"], library.member_loglik().double(), atol=1e-6, rtol=0)
     torch.testing.assert_close(scores["mean_mi"], library.mean_mi().double(), atol=1e-6, rtol=0)
     torch.testing.assert_close(scores["mixture_loglik"], torch.logsumexp(scores["member_loglik"] + log_pi[:, None], 0))

@@ -155,3 +155,17 @@ def test_trainer_classes_are_small():
         for node in ast.parse(MODULES[name].read_text()).body:
             if isinstance(node, ast.ClassDef) and node.name.endswith("Trainer"):
                 assert node.end_lineno - node.lineno + 1 <= 300, f"{node.name}: {node.end_lineno - node.lineno + 1}"
+
+
+def test_library_functions_take_their_fifth_parameter_by_name():
+    """More than four parameters: the rest are keyword-only, so that inserting one never shifts a caller's arguments."""
+    wide = []
+    for name, path in MODULES.items():
+        if in_wing(name) or name in ENTRY_POINTS:
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(positional) > 4:
+                    wide.append(f"{name}.{node.name}: {len(positional)}")
+    assert wide == []

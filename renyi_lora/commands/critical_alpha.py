@@ -157,7 +157,7 @@ def run_critical_alpha(args: CriticalAlphaArguments) -> tuple[CriticalAlphaResul
     dataset = load_sft_dataset(args.data, tokenizer, args.max_length)
     config = EnsembleConfig(num_members=1, rank=args.rank, target_modules=args.target_modules)
     result = estimate_critical_alpha(
-        args.model, tokenizer, dataset, args.adapters, args.member, max_examples=args.max_examples,
+        args.model, tokenizer, dataset, args.adapters, member=args.member, max_examples=args.max_examples,
         batch_size=args.batch_size, max_length=args.max_length, length_normalize=args.length_normalize,
         prior_weight=args.prior_weight, prior_std=args.prior_std, refine=args.refine, refine_steps=args.refine_steps,
         refine_tolerance=args.refine_tolerance, refined_output=args.refined_output, curvature=args.curvature,

@@ -89,7 +89,7 @@ def run_eval(args: EvalArguments) -> dict:
     items = load_multiple_choice(args.data)
     ood_items = load_multiple_choice(args.ood_data) if args.ood_data else None
     ensemble, tokenizer = load_for_inference(args.model, args.adapters, args.members, args.trust_remote_code,
-                                             args.device)
+                                             device=args.device)
     weights = route_weights(args.route_examples, ensemble, tokenizer, args.weights, args.batch_size)
 
     def evaluate(batch):
@@ -120,7 +120,7 @@ def run_sft_eval(args: EvalArguments) -> dict:
         raise ValueError(f"{flag} applies to multiple-choice data; {args.data} holds SFT records (the report gives the "
                          "NLL per example and per token)")
     ensemble, tokenizer = load_for_inference(args.model, args.adapters, args.members, args.trust_remote_code,
-                                             args.device)
+                                             device=args.device)
     weights = route_weights(args.route_examples, ensemble, tokenizer, args.weights, args.batch_size)
     results = evaluate_sft(ensemble, tokenizer, args.data, weights=weights, route_on_prompt=args.route_on_prompt,
                            base_only=args.base_only, member_ids=args.members, batch_size=args.batch_size,

@@ -60,7 +60,8 @@ class GenerateArguments(ModelArguments):
         if self.base_only and self.route_examples:
             raise ValueError("--route_examples weighs the members of --adapters; the base model alone (--base_only) "
                              "has none to weigh")
-        check_generation(self.mode, self.max_new_tokens, self.temperature, self.top_p, self.alpha, self.mixture)
+        check_generation(self.mode, self.max_new_tokens, self.temperature, self.top_p, alpha=self.alpha,
+                         mixture=self.mixture)
 
     def prompts(self) -> list[Prompt]:
         texts = list(self.prompt or [])
@@ -75,7 +76,8 @@ def run_generate(args: GenerateArguments) -> list[GenerationResult]:
     if args.route_examples:  # bad data fails before the model loads
         read_typed_records(args.route_examples, SFT_FORMATS, "--route_examples")
     adapters = [args.adapters] if args.adapters else None
-    ensemble, tokenizer = load_for_inference(args.model, adapters, args.members, args.trust_remote_code, args.device)
+    ensemble, tokenizer = load_for_inference(args.model, adapters, args.members, args.trust_remote_code,
+                                             device=args.device)
     if args.chat and not tokenizer.chat_template:
         raise ValueError(f"--chat: the tokenizer of {args.model} has no chat template")
     weights = route_weights(args.route_examples, ensemble, tokenizer, args.weights)

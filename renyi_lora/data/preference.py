@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def load_preference_dataset(source: Any, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024,
-                            split: str | None = None, config: str | None = None) -> TokenizedDataset:
+                            split: str | None = None, *, config: str | None = None) -> TokenizedDataset:
     """Read, validate and tokenise preference data (any source of ``renyi_lora.data.sources``) into ``chosen_*`` /
     ``rejected_*`` examples.
 
@@ -36,7 +36,8 @@ def load_preference_dataset(source: Any, tokenizer: PreTrainedTokenizerBase, max
     check_max_length(max_length)
     encoder, groups = Encoder(tokenizer), GroupIndex()
     examples, num_truncated, num_tied, style = [], 0, 0, None
-    for where, _, record in read_typed_records(source, ("preference",), "load_preference_dataset", split, config):
+    for where, _, record in read_typed_records(source, ("preference",), "load_preference_dataset", split,
+                                               config=config):
         group = groups.add(check_group(record, where))
         style = check_prompt_style(record, where, style)
         chosen = check_response(record, where, "chosen", style)
@@ -47,7 +48,7 @@ def load_preference_dataset(source: Any, tokenizer: PreTrainedTokenizerBase, max
         example, truncated = {"group": group}, False
         for side, response in (("chosen", chosen), ("rejected", rejected)):
             prompt_ids, response_ids = encoder.prompt_completion(record["prompt"], response, where, side)
-            input_ids, labels, cut = truncate(prompt_ids, response_ids, max_length, where, side)
+            input_ids, labels, cut = truncate(prompt_ids, response_ids, max_length, where, field_name=side)
             example[f"{side}_input_ids"], example[f"{side}_labels"] = input_ids, labels
             truncated |= cut
         num_truncated += truncated

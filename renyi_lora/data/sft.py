@@ -143,7 +143,7 @@ class Encoder:
 
 
 def truncate(
-    prompt_ids: list[int], completion_ids: list[int], max_length: int, where: Location, field_name: str
+    prompt_ids: list[int], completion_ids: list[int], max_length: int, where: Location, *, field_name: str
 ) -> tuple[list[int], list[int], bool]:
     """``(input_ids, labels, truncated)``: the prompt kept whole, the completion cut from the right to fit."""
     room = max_length - len(prompt_ids)
@@ -183,19 +183,20 @@ class TokenizedDataset(Dataset):
 
 
 def load_sft_dataset(source: Any, tokenizer: PreTrainedTokenizerBase, max_length: int = 1024,
-                     split: str | None = None, config: str | None = None) -> TokenizedDataset:
+                     split: str | None = None, *, config: str | None = None) -> TokenizedDataset:
     """Read, validate and tokenise SFT data (prompt-completion, messages or text records) from a file, a ``datasets``
     object or folder, a hub dataset id (``split``, ``config``) or a list of dicts (``renyi_lora.data.sources``)."""
     check_max_length(max_length)
     encoder, groups = Encoder(tokenizer), GroupIndex()
     examples, num_truncated, style = [], 0, None
-    for where, name, record in read_typed_records(source, SFT_FORMATS, "load_sft_dataset", split, config):
+    for where, name, record in read_typed_records(source, SFT_FORMATS, "load_sft_dataset", split, config=config):
         group = groups.add(check_group(record, where))
         if name == "prompt-completion":
             style = check_prompt_style(record, where, style)
             completion = check_response(record, where, "completion", style)
             prompt_ids, completion_ids = encoder.prompt_completion(record["prompt"], completion, where, "completion")
-            input_ids, labels, truncated = truncate(prompt_ids, completion_ids, max_length, where, "completion")
+            input_ids, labels, truncated = truncate(prompt_ids, completion_ids, max_length, where,
+                                                    field_name="completion")
         else:
             if name == "messages":
                 input_ids, labels = encoder.conversation(check_messages(record["messages"], where, "messages"), where)
@@ -215,7 +216,7 @@ def load_sft_dataset(source: Any, tokenizer: PreTrainedTokenizerBase, max_length
 
 
 def pad_rows(input_rows: list[list[int]], label_rows: list[list[int]], pad_token_id: int,
-             pad_to_multiple_of: int | None = None, left: bool = False) -> dict[str, torch.Tensor]:
+             pad_to_multiple_of: int | None = None, *, left: bool = False) -> dict[str, torch.Tensor]:
     """Pad rows to one length T: ``input_ids``, ``attention_mask`` and ``labels`` (-100 padded), ``[N, T]``; on the
     right (training, scoring), or on the ``left`` (decoding: every row's last position is its last real token)."""
     length = max(len(row) for row in input_rows)

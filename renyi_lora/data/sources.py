@@ -200,7 +200,7 @@ def check_source(source: Any, split: str | None = None, config: str | None = Non
 
 
 def read_typed_records(source: Any, kinds: tuple[str, ...], loader: str, split: str | None = None,
-                       config: str | None = None) -> list[tuple[Location, str, dict]]:
+                       *, config: str | None = None) -> list[tuple[Location, str, dict]]:
     """Read ``source`` (``read_source``) and check every record's format: ``(location, format, record)`` triples.
 
     The first record decides the source's format, which must be one of ``kinds`` (``loader`` names the

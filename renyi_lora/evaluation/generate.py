@@ -86,7 +86,7 @@ class GenerationResult:
 
 
 def choose_tokens(log_probs: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy (first maximum) or sampled tokens ``[R]`` from ``log_probs [R, V]``, with temperature and nucleus
     (top-p: the smallest set of most probable tokens whose mass reaches top_p; the top token always stays)."""
     if not do_sample:
@@ -100,7 +100,7 @@ def choose_tokens(log_probs: torch.Tensor, do_sample: bool = False, temperature:
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def check_generation(mode: str, max_new_tokens: int, temperature: float, top_p: float, alpha: float,
+def check_generation(mode: str, max_new_tokens: int, temperature: float, top_p: float, *, alpha: float,
                      mixture: str = "sequence") -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -136,7 +136,7 @@ def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts
     template); returns one ``GenerationResult`` per prompt. ``weights``: the prior over members (normalised; the
     ensemble's saved mixture weights if None); ``mixture``: ``"sequence"`` or ``"token"`` decoding in ``mixture``
     mode (module docstring). Under ``ensemble.adapters_disabled()`` K = 1."""
-    check_generation(mode, max_new_tokens, temperature, top_p, alpha, mixture)
+    check_generation(mode, max_new_tokens, temperature, top_p, alpha=alpha, mixture=mixture)
     K, B = ensemble.output_members, len(prompts)
     device = next(ensemble.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -147,7 +147,7 @@ def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts
         raise ValueError("a prompt encodes to no tokens; expected non-empty prompts")
     log_weights = prior_log_weights(ensemble, weights).to(device)[:, None].expand(K, B)  # [K, B]
     if route_on_prompt:
-        log_weights = prompt_log_weights(ensemble, prompt_ids, alpha, log_weights[:, 0], pad)
+        log_weights = prompt_log_weights(ensemble, prompt_ids, alpha, log_weights[:, 0], pad_token_id=pad)
     follow = log_weights
     members = None
     if mode == "sample":  # one member per prompt, drawn by weight; the mixture still defines the MI
@@ -213,7 +213,7 @@ def _decode(forward: IncrementalForward, input_ids: torch.Tensor, attention_mask
         else:
             distribution = torch.logsumexp(log_probs + follow.to(log_probs)[..., None], dim=0)  # [B, V]
             total, _, mi = decompose_rows(log_probs, report)
-        token = choose_tokens(distribution, do_sample, temperature, top_p, generator)
+        token = choose_tokens(distribution, do_sample, temperature, top_p, generator=generator)
         token = token.masked_fill(done, pad)  # finished rows pad
         prob = distribution.gather(-1, token[:, None]).squeeze(-1).exp()
         if sequence:  # Bayes' rule: w_k(t+1) ∝ w_k(t) p_k(token); finished rows update on padding, unused

@@ -88,7 +88,7 @@ def _bool(value: Any) -> bool:
 
 @torch.no_grad()
 def sequence_scores(ensemble, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                    log_weights: torch.Tensor, chunk_size: int = 256) -> dict[str, torch.Tensor]:
+                    *, log_weights: torch.Tensor, chunk_size: int = 256) -> dict[str, torch.Tensor]:
     """Member and mixture scores of the target tokens of ``labels`` (right-padded rows, -100 = not a target).
 
     Returns ``member_loglik [K, B]`` (float64), ``mixture_loglik [B]`` (``logsumexp_k(member + log pi_k)``),
@@ -156,7 +156,8 @@ class RenyiLM(TemplateLM):
             device = "cpu"
         self._device = resolve_device(device)
         self.ensemble, self.tokenizer = load_for_inference(str(pretrained), directories, _split(members, int),
-                                                           _bool(trust_remote_code), device, getattr(torch, str(dtype)))
+                                                           _bool(trust_remote_code), device=device,
+                                                           dtype=getattr(torch, str(dtype)))
         self.ensemble.eval()
         self.log_weights = prior_log_weights(self.ensemble, _split(weights, float))
         if isinstance(batch_size, str) and not batch_size.strip().isdigit():

@@ -101,7 +101,7 @@ def left_pad(rows: list[list[int]], pad_token_id: int, device: torch.device | st
 
 
 def load_for_inference(model_name: str, adapters: list[str] | None, members: list[int] | None = None,
-                       trust_remote_code: bool = False, device: str = "auto", dtype: torch.dtype = torch.float32
+                       trust_remote_code: bool = False, *, device: str = "auto", dtype: torch.dtype = torch.float32
                        ) -> tuple[LoraEnsemble, PreTrainedTokenizerBase]:
     """``(ensemble, tokenizer)``: the base model in ``dtype`` on ``device`` (``auto``: cuda if available) with the
     adapters of ``adapters`` as one mixture (``ensemble.load_adapter_mixture``), or a fresh member when there are none

@@ -70,7 +70,8 @@ def load_multiple_choice(path: Any, split: str | None = None, config: str | None
                          ) -> list[MultipleChoiceItem]:
     """Read and validate a multiple-choice file."""
     items = []
-    for where, _, record in read_typed_records(path, ("multiple-choice",), "load_multiple_choice", split, config):
+    for where, _, record in read_typed_records(path, ("multiple-choice",), "load_multiple_choice", split,
+                                               config=config):
         prompt = check_string(record["prompt"], where, "prompt")
         choices = record["choices"]
         if not isinstance(choices, list) or len(choices) < 2:
@@ -109,7 +110,7 @@ def encode_choices(tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleC
 
 @torch.no_grad()
 def choice_log_probs(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, items: Sequence[MultipleChoiceItem],
-                     length_normalize: bool = False, batch_size: int = 16, progress: bool = False,
+                     length_normalize: bool = False, *, batch_size: int = 16, progress: bool = False,
                      shared_prompt: bool = True) -> torch.Tensor:
     """Each member's distribution over each item's choices, ``[K, N, C]`` float64 (-inf past an item's choices).
 
@@ -273,11 +274,12 @@ def evaluate_multiple_choice(ensemble: LoraEnsemble, tokenizer: PreTrainedTokeni
     disabled = ensemble.adapters_disabled() if base_only else contextlib.nullcontext()
     with disabled:
         K = ensemble.output_members
-        member_log_probs = choice_log_probs(ensemble, tokenizer, items, length_normalize, batch_size, progress,
-                                            shared_prompt)  # [K, N, C]
+        member_log_probs = choice_log_probs(ensemble, tokenizer, items, length_normalize, batch_size=batch_size,
+                                            progress=progress,
+                                            shared_prompt=shared_prompt)  # [K, N, C]
         prior = prior_log_weights(ensemble, weights)  # [K]
         extra = prompt_scores(ensemble, tokenizer, [item.prompt for item in items], prior.exp(),
-                              max(1, batch_size // 4), progress) if input_scores else {}
+                              batch_size=max(1, batch_size // 4), progress=progress) if input_scores else {}
         log_weights = _prompt_routing(ensemble, tokenizer, items, prior, batch_size) if route_on_prompt else prior
     member_ids = list(member_ids) if member_ids is not None and not base_only else list(range(K))
     if len(member_ids) != K:
@@ -325,7 +327,8 @@ def _prompt_routing(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, 
     """``log w [K, N]``: each item's posterior over members given its prompt (``routing.prompt_log_weights``)."""
     prompts = [encode_prompt(tokenizer, item.prompt)[0] for item in items]
     return torch.cat([prompt_log_weights(ensemble, prompts[start:start + batch_size], 1.0, log_prior,
-                                         pad_id(tokenizer)).cpu() for start in range(0, len(prompts), batch_size)], 1)
+                                         pad_token_id=pad_id(tokenizer)).cpu() for start in range(0, len(prompts),
+                                                                                                  batch_size)], 1)
 
 
 # Per-item uncertainty scores whose AUROC for out-of-distribution items ``ood_detection`` reports.

@@ -32,7 +32,7 @@ INPUT_SCORES = ("prompt_mi", "prompt_spread")
 
 @torch.no_grad()
 def prompt_scores(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
-                  weights: Sequence[float] | None = None, batch_size: int = 8,
+                  weights: Sequence[float] | None = None, *, batch_size: int = 8,
                   progress: bool = False) -> dict[str, torch.Tensor]:
     """Member disagreement on each prompt's own tokens, the members mixed with ``weights`` (normalised; the ensemble's
     saved mixture weights if None).

@@ -46,7 +46,7 @@ def reliability_diagram(
     correct: ArrayLike,
     path: str | os.PathLike[str],
     num_bins: int = 15,
-    title: str = "Reliability diagram",
+    *, title: str = "Reliability diagram",
 ) -> Path:
     """Accuracy per equal-width confidence bin against the diagonal, with the ECE in the title.
 
@@ -147,7 +147,7 @@ def bar_chart(
     labels: Sequence[str],
     path: str | os.PathLike[str],
     title: str = "",
-    ylabel: str = "",
+    *, ylabel: str = "",
 ) -> Path:
     """Grouped bars: one group of bars per label, one bar per series (e.g. MI on conflicting vs consistent).
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def prompt_log_weights(ensemble: LoraEnsemble, prompt_ids: list[list[int]], alpha: float = 1.0,
-                       log_prior: torch.Tensor | None = None, pad_token_id: int = 0) -> torch.Tensor:
+                       log_prior: torch.Tensor | None = None, *, pad_token_id: int = 0) -> torch.Tensor:
     """Posterior over members given each prompt, ``log w [K, B]`` with ``w_k ∝ pi_k p_k(prompt)^alpha``.
 
     ``p_k(prompt)`` is member k's likelihood of the prompt's tokens after its first (which has no context);
@@ -69,7 +69,7 @@ class ExampleLogliks(NamedTuple):
 
 @torch.no_grad()
 def example_logliks(ensemble: LoraEnsemble, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8,
-                    with_prompt: bool = False, progress: bool = False) -> ExampleLogliks:
+                    *, with_prompt: bool = False, progress: bool = False) -> ExampleLogliks:
     """Every member's log-likelihood of each example's targets (and, ``with_prompt``, of its prompt).
 
     Examples are batched longest first (less padding) and returned in input order. With ``with_prompt`` every token
@@ -111,7 +111,7 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def posterior_weights(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, examples: Any,
-                      weights: Sequence[float] | torch.Tensor | None = None, max_length: int = 1024,
+                      weights: Sequence[float] | torch.Tensor | None = None, *, max_length: int = 1024,
                       batch_size: int = 8, progress: bool = False) -> torch.Tensor:
     """The posterior over members given a few examples of one user: ``w [K]`` float64, summing to 1, with
     ``w_k ∝ pi_k prod_j p_k(y_j | x_j)``.

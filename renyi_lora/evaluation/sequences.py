@@ -41,7 +41,7 @@ def eval_data_format(source: Any, split: str | None = None, config: str | None =
     """``"multiple-choice"`` or ``"sft"``: what the first record of ``source`` is. Any other format (preference data,
     fields of no format) is a ``DataError`` naming the source, the record and the formats ``renyi-lora eval`` reads."""
     typed = read_typed_records(source, ("multiple-choice", *SFT_FORMATS), "renyi-lora eval (multiple-choice or SFT "
-                               "data)", split, config)
+                               "data)", split, config=config)
     return "multiple-choice" if typed[0][1] == "multiple-choice" else "sft"
 
 
@@ -130,13 +130,14 @@ def evaluate_sft(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, sou
         number, group, prompt, target tokens, the mixture's and each member's log-likelihood, the weights used and
         the responsibilities).
     """
-    typed = read_typed_records(source, SFT_FORMATS, "evaluate_sft", split, config)
-    dataset = load_sft_dataset(source, tokenizer, max_length, split, config)
+    typed = read_typed_records(source, SFT_FORMATS, "evaluate_sft", split, config=config)
+    dataset = load_sft_dataset(source, tokenizer, max_length, split, config=config)
     disabled = ensemble.adapters_disabled() if base_only else contextlib.nullcontext()
     with disabled:
         K = ensemble.output_members
         log_prior = prior_log_weights(ensemble, weights)  # [K]
-        scores = example_logliks(ensemble, dataset.examples, pad_id(tokenizer), batch_size, route_on_prompt, progress)
+        scores = example_logliks(ensemble, dataset.examples, pad_id(tokenizer), batch_size,
+                                 with_prompt=route_on_prompt, progress=progress)
     member_ids = list(member_ids) if member_ids is not None and not base_only else list(range(K))
     if len(member_ids) != K:
         raise ValueError(f"member_ids {member_ids} must name the {K} evaluated members")

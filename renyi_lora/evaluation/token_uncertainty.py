@@ -112,7 +112,7 @@ def _selected_logits(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_
 
 @torch.no_grad()
 def completion_scores(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      labels: torch.Tensor, log_weights: torch.Tensor | None = None,
+                      labels: torch.Tensor, *, log_weights: torch.Tensor | None = None,
                       chunk_size: int = 256) -> TokenScores:
     """Per-token uncertainty of the mixture along the target tokens of ``labels``.
 
@@ -152,7 +152,7 @@ def completion_scores(ensemble: LoraEnsemble, input_ids: torch.Tensor, attention
 
 
 def token_uncertainty(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
-                      completions: Sequence[str], weights: Sequence[float] | None = None,
+                      completions: Sequence[str], *, weights: Sequence[float] | None = None,
                       batch_size: int = 8) -> list[dict]:
     """Per-token total entropy and MI of the mixture along each completion, and sequence scores.
 

@@ -122,7 +122,7 @@ def completion_loglik_fn(ensemble: LoraEnsemble, length_normalize: bool = False)
 
 
 def make_batches(dataset: TokenizedDataset, pad_token_id: int, batch_size: int, max_examples: int | None = None,
-                 seed: int = 0, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+                 *, seed: int = 0, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
     """At most ``max_examples`` examples (a seeded random subset), sorted by length and padded into batches of
     ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (every example weighs the same in V and J)."""
     examples = list(dataset.examples)
@@ -236,7 +236,7 @@ def estimate_critical_alpha(
     ensemble = load_point(model, adapters, member, ensemble_config).to(dtype)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(ensemble.parameters()).device
-    batches = make_batches(dataset, pad_token_id, batch_size, max_examples, seed, device)
+    batches = make_batches(dataset, pad_token_id, batch_size, max_examples, seed=seed, device=device)
     params = member_params(ensemble, include_lora_A=adapters is not None)
     prior_curvature = prior_weight / prior_std**2
     loglik_fn = completion_loglik_fn(ensemble, length_normalize)

@@ -24,7 +24,7 @@ from renyi_lora.training.trainer import RenyiTrainer
 
 
 def preference_loglik(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                      ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      ref_rejected: torch.Tensor, *, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Bradley-Terry log-likelihood of each member.
 
     Args:
@@ -83,14 +83,15 @@ class RenyiDPOTrainer(RenyiTrainer):
         B = policy.shape[1] // 2
         reference = self._reference(model, inputs)
         return preference_loglik(policy[:, :B], policy[:, B:], reference[..., :B], reference[..., B:],
-                                 self.args.beta)[0]
+                                 beta=self.args.beta)[0]
 
     def data_term(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         args: DPOConfig = self.args
         policy = _sequence_logps(model, inputs)  # [K, 2B]
         B = policy.shape[1] // 2
         reference = self._reference(model, inputs)
-        loglik, h = preference_loglik(policy[:, :B], policy[:, B:], reference[..., :B], reference[..., B:], args.beta)
+        loglik, h = preference_loglik(policy[:, :B], policy[:, B:], reference[..., :B], reference[..., B:],
+                                      beta=args.beta)
         loss, w = renyi_loss(loglik, self.alpha, self.log_mixture_weights, self.args.routing_floor)
         self._record_preferences(policy, reference, h, loglik)
         return loss, w, loglik

@@ -80,7 +80,7 @@ def _table(rows: dict[str, list[float]], k: int, fmt: str) -> str:
 
 
 def model_card(output_dir: str | os.PathLike, base_model: str, datasets: list[str] | None = None,
-               command: str | None = None, license: str | None = None, repo_id: str | None = None) -> ModelCard:
+               command: str | None = None, *, license: str | None = None, repo_id: str | None = None) -> ModelCard:
     """The card of a trained ensemble folder (``ensemble_config.json`` + ``train_summary.json``).
 
     ``base_model``: the ``--model`` the run used; ``datasets``: its data (hub ids go into the metadata, local files
@@ -170,9 +170,9 @@ def model_card(output_dir: str | os.PathLike, base_model: str, datasets: list[st
 
 
 def write_model_card(output_dir: str | os.PathLike, base_model: str, datasets: list[str] | None = None,
-                     command: str | None = None, license: str | None = None, repo_id: str | None = None) -> Path:
+                     command: str | None = None, *, license: str | None = None, repo_id: str | None = None) -> Path:
     """Write ``model_card(...)`` to ``<output_dir>/README.md``; returns its path."""
-    card = model_card(output_dir, base_model, datasets, command, license, repo_id)
+    card = model_card(output_dir, base_model, datasets, command, license=license, repo_id=repo_id)
     path = Path(output_dir) / CARD_NAME
     card.save(path)
     return path
@@ -200,7 +200,7 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 
 def push_to_hub(output_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
-                commit_message: str = "Upload renyi-lora ensemble") -> str:
+                *, commit_message: str = "Upload renyi-lora ensemble") -> str:
     """Create ``repo_id`` (if needed) and upload ``upload_files(output_dir)``; returns the commit URL.
 
     Any failure (offline mode, no network, no or a bad token, the Hub refusing) is raised as one ``PushError``

@@ -90,7 +90,7 @@ def model_name(model: Any) -> str | None:
 
 
 def check_model(model: Any, args: RenyiConfig, peft_config: Any = None, adapters: str | None = None,
-                trust_remote_code: bool = False) -> None:
+                *, trust_remote_code: bool = False) -> None:
     """The checks that do not need the weights (model path, target modules), for a model given by name."""
     if isinstance(model, str):
         check_model_exists(model)
@@ -98,7 +98,7 @@ def check_model(model: Any, args: RenyiConfig, peft_config: Any = None, adapters
 
 
 def prepare_ensemble(model: str | nn.Module | LoraEnsemble, args: RenyiConfig, peft_config: Any = None,
-                     adapters: str | None = None, trust_remote_code: bool = False,
+                     adapters: str | None = None, *, trust_remote_code: bool = False,
                      model_init_kwargs: dict | None = None) -> LoraEnsemble:
     """A ``LoraEnsemble`` from a model name or path (loaded with ``model_init_kwargs``: ``torch_dtype``,
     ``quantization``), a ``PreTrainedModel`` or an ensemble (returned as it is); fresh members shaped by ``args`` /
@@ -119,7 +119,7 @@ def is_tokenized(*datasets: Any) -> bool:
 
 
 def prepare_dataset(data: Any, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                    loader: Callable[..., TokenizedDataset], split: str | None = None,
+                    loader: Callable[..., TokenizedDataset], *, split: str | None = None,
                     config: str | None = None) -> TokenizedDataset | None:
     """Tokenised examples from ``data`` (see ``renyi_lora.data.sources``); a torch ``Dataset`` of tokenised examples
     (e.g. a ``TokenizedDataset``) and None pass through."""

@@ -72,13 +72,15 @@ class RenyiTrainer(SavingMixin, Trainer):
         if tokenizer is None and not (isinstance(model, LoraEnsemble) and prepare.is_tokenized(train_dataset,
                                                                                                eval_dataset)):
             tokenizer = prepare.prepare_tokenizer(model, processing_class, trust_remote_code)
-        prepare.check_model(model, args, peft_config, adapters, trust_remote_code)
+        prepare.check_model(model, args, peft_config, adapters, trust_remote_code=trust_remote_code)
         train_dataset, eval_dataset = (
-            prepare.prepare_dataset(data, tokenizer, args.max_length, self.dataset_loader, split, dataset_config)
+            prepare.prepare_dataset(data, tokenizer, args.max_length, self.dataset_loader, split=split,
+                                    config=dataset_config)
             for data, split in ((train_dataset, dataset_split), (eval_dataset, None)))
         # For the model card; the CLI adds the command that produced the run.
         self.card_info = {"base_model": prepare.model_name(model), "datasets": data_names, "command": None}
-        model = prepare.prepare_ensemble(model, args, peft_config, adapters, trust_remote_code, model_init_kwargs)
+        model = prepare.prepare_ensemble(model, args, peft_config, adapters, trust_remote_code=trust_remote_code,
+                                         model_init_kwargs=model_init_kwargs)
         if data_collator is None and tokenizer is not None:
             data_collator = self.collator_class(tokenizer.pad_token_id)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -132,7 +134,8 @@ class RenyiTrainer(SavingMixin, Trainer):
         token = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), labels=labels)
         # float32 whatever the autocast dtype: a bf16 logsumexp over members loses the routing signal.
         return routed_loss(token.float(), labels != IGNORE_INDEX, self.alpha, args.routing_level,
-                           args.length_normalize, args.routing_floor, self.log_mixture_weights)
+                           length_normalize=args.length_normalize, floor=args.routing_floor,
+                           log_weights=self.log_mixture_weights)
 
     @property
     def log_mixture_weights(self) -> torch.Tensor:

@@ -61,7 +61,7 @@ def dead_members(load: torch.Tensor, threshold: float) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def clone_member(parameters: list[torch.Tensor], optimizer_state: dict, dead: int, source: int, noise: float,
+def clone_member(parameters: list[torch.Tensor], optimizer_state: dict, dead: int, source: int, *, noise: float,
                  generator: torch.Generator) -> None:
     """Overwrite member ``dead`` of every stacked parameter ``[K, ...]`` with member ``source`` plus Gaussian noise of
     standard deviation ``noise`` times the RMS of the source's slice, and copy the optimizer's per-parameter moments
@@ -137,7 +137,8 @@ class MemberUpkeep:
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         for dead, source in plan:
-            clone_member(ensemble.lora_parameters(), optimizer.state, dead, source, REVIVAL_NOISE, generator)
+            clone_member(ensemble.lora_parameters(), optimizer.state, dead, source, noise=REVIVAL_NOISE,
+                         generator=generator)
         if args.learn_weights:
             weights.copy_(split_weights(weights, plan))
         trainer.state.log_history.append(entry)  # saved in checkpoints' trainer_state.json with the rest
