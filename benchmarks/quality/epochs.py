@@ -270,6 +270,8 @@ def write_report(args: EpochArguments, runs: list[dict]) -> Path:
             minutes[row] = minutes.get(row, 0.0) + run["minutes"][row]
     first = runs[0]
     k = args.num_members
+    order = [row.name for row in all_rows(k)]  # the benchmark's row order, whatever order the parts ran in
+    results = dict(sorted(results.items(), key=lambda item: order.index(item[0])))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_epochs{'_' + args.tag if args.tag else ''}"

@@ -51,24 +51,27 @@ def findings(results: dict, epochs: list[int], deep: str, renyi: list[str]) -> t
     if SINGLE not in results:
         return ["(no single-adapter row: no findings)"], {}
     ece = {e: mean(values(results, SINGLE, e, "test", "ece")) for e in epochs}
+    nll = {e: mean(values(results, SINGLE, e, "test", "nll")) for e in epochs}
     gap = {e: mean(values(results, SINGLE, e, "test", "conf")) - mean(values(results, SINGLE, e, "test", "acc"))
            for e in epochs}
-    worst = max(epochs, key=ece.get)
+    worst, best = max(epochs, key=ece.get), min(epochs, key=nll.get)
     over = [e for e in epochs if gap[e] > 0]
     lines = [f"- Single adapter: test ECE {', '.join(f'{ece[e]:.3f} at {e}' for e in epochs)} epochs; mean "
              f"confidence minus accuracy {', '.join(f'{gap[e]:+.3f}' for e in epochs)}. "
              + (f"Over-confident (confidence above accuracy) from {over[0]} epoch(s) on; " if over else
-                "Never over-confident on average; ") + f"its ECE is worst at {worst} epochs."]
-    for row in results:
-        if row == SINGLE:
-            continue
-        get = {m: mean(values(results, row, worst, "test", m)) for m in ("acc", "ece", "nll", "conf", "mi",
-                                                                         "member_ece")}
-        single_nll = mean(values(results, SINGLE, worst, "test", "nll"))
-        lines.append(f"- {row} at {worst} epochs: ECE {get['ece']:.3f} ({get['ece'] / ece[worst]:.2f} x the single "
-                     f"adapter's), NLL {get['nll']:.3f} (single {single_nll:.3f}), accuracy {get['acc']:.3f}, "
-                     f"confidence - accuracy {get['conf'] - get['acc']:+.3f}, mean MI "
-                     f"{get['mi']:.3f}, its members' mean ECE {get['member_ece']:.3f}.")
+                "Never over-confident on average; ") + f"its ECE is worst at {worst} epochs. Its test NLL is lowest "
+             f"at {best} epochs ({nll[best]:.3f})" + (f" and rises to {nll[epochs[-1]]:.3f} by {epochs[-1]} (over-"
+                                                      "fitting)." if best != epochs[-1] else ".")]
+    for budget in dict.fromkeys([worst, epochs[-1]]):  # the target's budget, then the longest (if another)
+        for row in results:
+            if row == SINGLE:
+                continue
+            get = {m: mean(values(results, row, budget, "test", m)) for m in ("acc", "ece", "nll", "conf", "mi",
+                                                                              "member_ece")}
+            lines.append(f"- {row} at {budget} epochs: ECE {get['ece']:.3f} ({get['ece'] / ece[budget]:.2f} x the "
+                         f"single adapter's {ece[budget]:.3f}), NLL {get['nll']:.3f} (single {nll[budget]:.3f}), "
+                         f"accuracy {get['acc']:.3f}, confidence - accuracy {get['conf'] - get['acc']:+.3f}, mean "
+                         f"MI {get['mi']:.3f}, its members' mean ECE {get['member_ece']:.3f}.")
     target = {"epochs": worst, "single_ece": ece[worst]}
     for row in renyi:
         if row not in results:
