@@ -204,7 +204,7 @@ def test_loglikelihood_rolling_is_the_sequence_mixture(setup):
     [whole] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
     ids = lm.tok_encode(text)
     member = harness.sequence_scores(lm.ensemble, *pad_right([[lm.prefix_token_id]], [ids], 0),
-                                     lm.log_weights)["member_loglik"][:, 0]
+                                     log_weights=lm.log_weights)["member_loglik"][:, 0]
     assert whole == pytest.approx(torch.logsumexp(member + torch.tensor([0.25, 0.75]).log().double(), 0).item())
     lm._max_length = 12  # several windows: each member's windows are summed before mixing
     [windowed] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)

@@ -117,7 +117,7 @@ def test_sequence_mixture_greedy_agrees_with_the_lm_eval_model(tokenizer, tiny_l
     results = generate(ensemble, tokenizer, PROMPTS, max_new_tokens=8, eos_token_id=-1)
     prompts = [ids_of(tokenizer, p) for p in PROMPTS]
     generated = [[t.id for t in r.continuations[0].tokens] for r in results]
-    scores = sequence_scores(ensemble, *pad_right(prompts, generated, 0), prior_log_weights(ensemble))
+    scores = sequence_scores(ensemble, *pad_right(prompts, generated, 0), log_weights=prior_log_weights(ensemble))
     steps = torch.tensor([sum(torch.tensor(t.prob).log().item() for t in r.continuations[0].tokens) for r in results])
     torch.testing.assert_close(scores["mixture_loglik"].float(), steps, atol=1e-4, rtol=1e-5)
     assert scores["is_greedy"].all()

@@ -167,7 +167,8 @@ def generate(ensemble: LoraEnsemble, tokenizer: PreTrainedTokenizerBase, prompts
         mi, total = torch.zeros_like(probs), torch.zeros_like(probs)
         for k in range(K):
             rows = slice(k * B, (k + 1) * B)
-            scores = completion_scores(ensemble, *pad_right(prompt_ids, generated[rows], pad, device), log_weights)
+            scores = completion_scores(ensemble, *pad_right(prompt_ids, generated[rows], pad, device),
+                                       log_weights=log_weights)
             for b in range(B):
                 r, n = k * B + b, len(prompt_ids[b])
                 mi[r, : lengths[r]] = scores.epistemic[b, n: n + lengths[r]]

@@ -242,7 +242,7 @@ class RenyiLM(TemplateLM):
             batch = order[start:start + self.batch_size]
             scores = sequence_scores(self.ensemble, *pad_right([fitted[i][0] for i in batch],
                                                                [fitted[i][1] for i in batch], pad, self._device),
-                                     self.log_weights)
+                                     log_weights=self.log_weights)
             scores = {name: value.cpu() for name, value in scores.items()}
             for b, i in enumerate(batch):
                 results[i] = {"member_loglik": scores["member_loglik"][:, b], "mixture_loglik":
