@@ -1,10 +1,12 @@
 """The survey rows' report: one table per survey and split (mean ± seed std of every metric, the training's member
 loads), the per-party mean posteriors, the per-item MI against the Democrat / Republican divergence, the issue's
-target checks, and two figures per survey (MI vs JS scatter, party x member heatmap). Used by ``survey_run``."""
+target checks, and two figures per survey (MI vs JS scatter, party x member heatmap). Written by ``survey_run``;
+``python -m benchmarks.quality.survey_tables RESULTS.json`` writes them again from a run's JSON (no model needed)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +152,8 @@ def write_report(stem: Path, report: dict, args: dict, command: str, total: dict
              f"{' / '.join(f'{x:.2f}' for x in end)} at the end). Model {args['model']}, LoRA r={args['rank']} on "
              f"the top {args['top_layers']} layer(s) "
              f"(all linear), {args['max_steps']} steps of {args['batch_size']} respondents for every row and every "
-             f"deep-ensemble member (lr {args['learning_rate']}, loss on the {args['targets']} tokens, "
+             f"deep-ensemble member (lr {args['learning_rate']}, the loss on "
+             f"{'the answer tokens only' if args['targets'] == 'answers' else 'the whole completion'}, "
              f"{'bf16 autocast' if args['bf16'] else 'float32'} training, float32 scoring), seeds {args['seeds']}. "
              "Renyi rows: the trainer's defaults (alpha warm-up over half the steps, dead members revived below a "
              "0.01 load, uniform pi unless learned). Anchors fitted in numpy on the same training answers (EM with "
@@ -200,3 +203,14 @@ def write_report(stem: Path, report: dict, args: dict, command: str, total: dict
     stem.with_suffix(".md").write_text("\n".join(lines))
     (stem.parent / f"{stem.name}.json").write_text(json.dumps(
         {"command": command, "args": args, "total": total, "report": report}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    path = Path((sys.argv[1:] if argv is None else argv)[0])
+    saved = json.loads(path.read_text())
+    write_report(path.with_suffix(""), saved["report"], saved["args"], saved["command"], saved["total"])
+    print(path.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
