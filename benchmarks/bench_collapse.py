@@ -18,6 +18,7 @@ seconds per step.
 
     python benchmarks/bench_collapse.py                     # part 1 (a few minutes)
     python benchmarks/bench_collapse.py --train_steps 60    # and part 2
+    python benchmarks/bench_collapse.py --rounds 0 --train_steps 60    # part 2 alone
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def scenario(tokenizer, steps: int, **flags) -> list[list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="Part 1's interleaved rounds (0 = skip part 1).")
     parser.add_argument("--train_steps", type=int, default=0, help="Part 2's steps per run (0 = skip part 2).")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -133,7 +134,8 @@ def main() -> None:
     dataset = load_sft_dataset(DATA, tokenizer, max_length=256)
     print(f"# Dead members on long completions (SmolLM2-135M, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads)\n")
-    step_cost(base, tokenizer, dataset, args.rounds)
+    if args.rounds:
+        step_cost(base, tokenizer, dataset, args.rounds)
     if args.train_steps:
         headers = ["step", "alpha", "effective members", "smallest share", "member NLL (nats)"]
         for title, flags in (("default flags (revival)", {}), ("revive_threshold=0 (before the fix)",

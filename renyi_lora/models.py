@@ -48,7 +48,12 @@ def _convert_gguf(package: str, gguf_name: str, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)  # a crash mid-conversion leaves no half-written model folder
+    try:
+        os.replace(tmp, target)  # a crash mid-conversion leaves no half-written model folder
+    except OSError:  # another process finished the same conversion first: keep its folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
 
 
 def resolve_model_path(name_or_path: str) -> str:
