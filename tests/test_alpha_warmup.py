@@ -5,8 +5,8 @@ four, four answers per example, K = 4, alpha = 1, 300 steps. Case is decided onc
 the first letter the rest follows), so early on a member can win two groups at once and another none. Measured on
 this machine, seeds 0-4: without warm-up 0 of 5 end with one member per group (in each, a member owns two groups;
 seed 1 uses two members only); with alpha raised over the first 120 steps 5 of 5 do (60 steps: 2 of seeds 0-2).
-The default suite trains seeds 0-2 with the warm-up; the comparison with no warm-up over seeds 0-4 runs behind
-``-m slow``.
+The default suite trains seed 0 with the warm-up; seeds 1-2 and the comparison with no warm-up over seeds 0-4 run
+behind ``-m slow``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def one_member_per_group(owners: list[int], sharpness: list[float]) -> bool:
     return sorted(owners) == [0, 1, 2, 3] and min(sharpness) > 0.9
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# Seed 0 in the default suite, seeds 1 and 2 (and the rate over seeds 0-4 below) behind -m slow.
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_warmup_gives_every_group_its_own_member(owners_of, seed):
     owners, sharpness = owners_of(seed, 120)
     assert sorted(owners) == [0, 1, 2, 3], owners  # a permutation: no member owns two groups, none is unused

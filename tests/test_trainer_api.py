@@ -111,26 +111,26 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
                                "OMP_NUM_THREADS": "1"})
 
 
-def test_cli_reads_datasets_folders_and_refuses_an_unreachable_hub_id(tmp_path, model_dir):
+def test_cli_reads_datasets_folders_and_refuses_an_unreachable_hub_id(tmp_path, model_dir, capsys):
     folder = tmp_path / "data"  # a folder of data files, as on the hub: loaded by datasets.load_dataset
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:4]))
     common = ["--model", str(model_dir), "--num_members", "2", "--rank", "2", *FAST]
-    done = run_cli("sft", "--data", str(folder), "--dataset_split", "test", "--output_dir", str(tmp_path / "o"),
-                   *common)
-    assert done.returncode == 0, done.stderr
+    # The local sources in process; the hub id in a subprocess, whose environment is offline from the start.
+    main(["sft", "--data", str(folder), "--dataset_split", "test", "--output_dir", str(tmp_path / "o"), *common])
     assert json.loads((tmp_path / "o" / "train_summary.json").read_text())["num_examples"] == 4
     saved = tmp_path / "saved"  # a DatasetDict written by save_to_disk
     dataset = datasets.Dataset.from_list(RECORDS)
     datasets.DatasetDict({"train": dataset, "test": dataset.select(range(3))}).save_to_disk(str(saved))
-    done = run_cli("sft", "--data", str(saved), "--dataset_split", "test", "--output_dir", str(tmp_path / "s"),
-                   *common)
-    assert done.returncode == 0, done.stderr
+    main(["sft", "--data", str(saved), "--dataset_split", "test", "--output_dir", str(tmp_path / "s"), *common])
     assert json.loads((tmp_path / "s" / "train_summary.json").read_text())["num_examples"] == 3
-    wrong = run_cli("sft", "--data", str(saved), "--dataset_split", "validation", "--output_dir", str(tmp_path / "w"),
-                    *common)
-    assert wrong.returncode == 2 and "available splits: train, test" in wrong.stderr, wrong.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as wrong:
+        main(["sft", "--data", str(saved), "--dataset_split", "validation", "--output_dir", str(tmp_path / "w"),
+              *common])
+    stderr = capsys.readouterr().err
+    assert wrong.value.code == 2 and "available splits: train, test" in stderr, stderr
     hub = run_cli("sft", "--data", "someone/no-such-dataset", "--output_dir", str(tmp_path / "h"), *common)
     last = hub.stderr.strip().splitlines()[-1]
     assert hub.returncode == 2 and "Traceback" not in hub.stderr, hub.stderr
