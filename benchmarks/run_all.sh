@@ -44,4 +44,13 @@ else
 fi
 echo "left out: the full quality tables (quality_analogies.md, 3 seeds, about 2 h on this CPU): make bench-quality"
 echo "left out: quality_analogies_quick_alpha.md and _levers.md: sweeps of --rows and flags, each file starts with its commands"
+if [[ -f benchmarks/quality/data/quick/survey_anes_train.jsonl ]]; then
+    echo "== quality_survey_quick: python -m benchmarks.quality.run --task survey --quick --threads 1" >&2
+    "$PY" -m benchmarks.quality.run --task survey --quick --threads 1
+else
+    echo "left out: quality_survey_quick.md (docs/quality.md): no survey data; run make quality-data first"
+fi
+echo "left out: quality_survey.md (3 seeds, about 45 CPU minutes): python -m benchmarks.quality.run --task survey"
+echo "left out: quality_epochs*.md (about 8 CPU minutes per row and seed; each file starts with its commands)"
+echo "left out: critical_alpha.md and collapse_smollm2.md (hand-written notes beside the tables): python benchmarks/bench_critical_alpha.py, python benchmarks/bench_collapse.py [--train_steps 60]"
 echo "left out: the demo's numbers (docs/demo.md): make demo and renyi-lora demo --real_text only write their own report"
