@@ -29,7 +29,8 @@ import torch
 from transformers import HfArgumentParser, TrainerCallback
 
 from benchmarks.quality import epochs_report as report
-from benchmarks.quality.run import ROOT, Benchmark, QualityArguments, Row, all_rows
+from benchmarks.quality.arguments import ROOT, ModelArguments
+from benchmarks.quality.run import Benchmark, QualityArguments, Row, all_rows
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble, load_adapter_mixture
 from renyi_lora.evaluation.multiple_choice import evaluate_multiple_choice
 from renyi_lora.io import copy_adapters, export_peft
@@ -38,7 +39,7 @@ ROWS = ("LoRA r", "deep ensemble K={k}", "renyi K={k} a=0", "renyi K={k} a=1")
 
 
 @dataclass
-class EpochArguments:
+class EpochArguments(ModelArguments):
     task: str = field(default="commonsenseqa", metadata={"help": "<task>_mc.jsonl in --data_dir (split here), or a "
                       "task with <task>_train.jsonl, <task>_val_mc.jsonl and <task>_test_mc.jsonl."})
     data_dir: str = field(default=str(ROOT / "benchmarks/quality/data"), metadata={"help": "Built by make "
@@ -49,11 +50,8 @@ class EpochArguments:
     split_seed: int = field(default=0, metadata={"help": "Seed of the shuffle that splits and samples the items."})
     epochs: list[int] = field(default_factory=lambda: [1, 3, 10, 30], metadata={"help": "Epoch budgets, increasing: "
                               "every row trains for the last one and is scored at each."})
-    model: str = "smollm2-135m"
     rows: list[str] | None = field(default=None, metadata={"help": f"Rows (default: {', '.join(ROWS)})."})
     seeds: list[int] = field(default_factory=lambda: [0])
-    num_members: int = 4
-    rank: int = 8
     top_layers: int = 4
     batch_size: int = 16
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate, constant (no warm-up, no "
@@ -65,10 +63,6 @@ class EpochArguments:
     merge: list[str] | None = field(default=None, metadata={"help": "Write one report from these JSON files of "
                                     "earlier runs (e.g. rows or seeds run in parallel processes) instead of running; "
                                     "the other flags are the first file's, except --out and --tag."})
-    tag: str = field(default="", metadata={"help": "Suffix of the output files' names."})
-    out: str = str(ROOT / "benchmarks/results")
-    cache_dir: str = str(Path.home() / ".cache/renyi-lora/quality")
-    threads: int | None = field(default=None, metadata={"help": "torch threads (1 on a busy machine)."})
 
     def __post_init__(self) -> None:
         if not self.epochs or any(e < 1 for e in self.epochs) or sorted(set(self.epochs)) != self.epochs:

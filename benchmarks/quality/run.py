@@ -33,6 +33,7 @@ import torch
 from transformers import HfArgumentParser
 
 from benchmarks.quality import survey_run
+from benchmarks.quality.arguments import ROOT, ModelArguments
 from benchmarks.quality.trunk import TrunkStates, truncated_model
 from renyi_lora.data.sft import SFTCollator, load_sft_dataset
 from renyi_lora.ensemble import EnsembleConfig, LoraEnsemble, load_adapter_mixture
@@ -49,25 +50,20 @@ from renyi_lora.models import load_model_and_tokenizer
 from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer
 from renyi_lora.uncertainty import risk_coverage_curve
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @dataclass
-class QualityArguments:
+class QualityArguments(ModelArguments):
     task: str = field(default="mmlu", metadata={"help": "Data set prefix in --data_dir: <task>_train.jsonl (SFT), "
                       "<task>_val_mc.jsonl, <task>_test_mc.jsonl, <task>_ood_mc.jsonl (multiple choice)."})
     data_dir: str | None = field(default=None, metadata={"help": "Built by make quality-data (default: "
                                  "benchmarks/quality/data, or its quick/ folder with --quick)."})
     ood_file: str | None = field(default=None, metadata={"help": "Out-of-distribution items in --data_dir (default "
                                  "<task>_ood_mc.jsonl; e.g. piqa_mc.jsonl for BoolQ)."})
-    model: str = field(default="smollm2-135m", metadata={"help": "Base causal LM (Llama-family decoder)."})
     quick: bool = field(default=False, metadata={"help": "The <= 10 minute version: the quick data, one seed, the "
                         "main rows."})
     rows: list[str] | None = field(default=None, metadata={"help": "Rows to run (default: all for the mode)."})
     seeds: list[int] | None = field(default=None, metadata={"help": "Training seeds (default: 0 with --quick, "
                                     "else 0 1 2)."})
-    num_members: int = 4
-    rank: int = 8
     top_layers: int = field(default=4, metadata={"help": "LoRA on the top N decoder layers (all linear modules)."})
     epochs: float = 2.0
     batch_size: int = 16
@@ -77,12 +73,7 @@ class QualityArguments:
                                       "fraction of the steps."})
     init_lora_b_std: float = field(default=0.1, metadata={"help": "Std of B's random start in the 'prior' rows (0.1: "
                                    "best validation NLL with the most member diversity among 0.05, 0.1, 0.3, 1)."})
-    tag: str = field(default="", metadata={"help": "Suffix of the output files' names (e.g. to keep a sweep apart)."})
     max_items: int | None = field(default=None, metadata={"help": "Cap on items per evaluation split."})
-    out: str = field(default=str(ROOT / "benchmarks/results"), metadata={"help": "Where the table, JSON, PNGs go."})
-    cache_dir: str = field(default=str(Path.home() / ".cache/renyi-lora/quality"))
-    threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's); 1 on a machine "
-                                "busy with other jobs, where contending threads slow each other down."})
 
 
 @dataclass(frozen=True)

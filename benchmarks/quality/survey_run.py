@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser, PrinterCallback
 
+from benchmarks.quality.arguments import ROOT, ModelArguments
 from benchmarks.quality.survey import SURVEYS, RespondentEncoder
 from benchmarks.quality.survey_anchors import fit_group_marginals, fit_latent_classes, fit_marginals, told_log_weights
 from benchmarks.quality.survey_metrics import PARTIES, Respondents, context_free_scores, evaluate, load_respondents
@@ -46,25 +47,21 @@ from renyi_lora.likelihoods import IGNORE_INDEX
 from renyi_lora.models import load_model_and_tokenizer
 from renyi_lora.training.trainer import RenyiConfig, RenyiTrainer
 
-ROOT = Path(__file__).resolve().parents[2]
 EVAL_SPLITS = {"gss": ("test", "test_shift"), "anes": ("test",)}
 
 
 @dataclass
-class SurveyArguments:
+class SurveyArguments(ModelArguments):
     task: str = field(default="survey", metadata={"help": "Always 'survey' here (run.py dispatches on it)."})
     surveys: list[str] = field(default_factory=lambda: ["anes", "gss"], metadata={"help": "Which surveys."})
     data_dir: str | None = field(default=None, metadata={"help": "survey_<name>_<split>.jsonl files from make "
                                  "quality-data (default: benchmarks/quality/data, or its quick/ folder with --quick)."})
-    model: str = field(default="smollm2-135m", metadata={"help": "Base causal LM (Llama-family decoder)."})
     quick: bool = field(default=False, metadata={"help": "The quick data (400 training respondents per survey), "
                         "one seed, 30 steps."})
     rows: list[str] | None = field(default=None, metadata={"help": "Rows to run (default: all); the anchors always."})
     seeds: list[int] | None = field(default=None, metadata={"help": "Default: 0 with --quick, else 0 1 2."})
     validation: bool = field(default=False, metadata={"help": "Score the validation split instead of the test "
                              "splits (for choosing settings; writes *_val files)."})
-    num_members: int = 4
-    rank: int = 8
     top_layers: int = field(default=1, metadata={"help": "LoRA on the top N decoder layers (all linear modules)."})
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps of every row and of every "
                                   "deep-ensemble member (default 60, or 30 with --quick: what the time budget allows; "
@@ -77,10 +74,6 @@ class SurveyArguments:
                          "'completion': on the whole completion (every line's text too)."})
     bf16: bool = field(default=True, metadata={"help": "Train under CPU bfloat16 autocast (scoring stays float32)."})
     lcm_restarts: int = 10
-    tag: str = field(default="", metadata={"help": "Suffix of the output files' names."})
-    out: str = field(default=str(ROOT / "benchmarks/results"))
-    cache_dir: str = field(default=str(Path.home() / ".cache/renyi-lora/quality"))
-    threads: int | None = field(default=None, metadata={"help": "torch threads (1 on a machine busy with other jobs)."})
 
     def __post_init__(self) -> None:
         if self.max_steps is None:

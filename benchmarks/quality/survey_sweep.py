@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from benchmarks.quality.survey_run import ROOT, SurveyArguments, SurveyTask, all_rows
+from benchmarks.quality.arguments import ROOT
+from benchmarks.quality.survey_run import SurveyArguments, SurveyTask, all_rows
 from renyi_lora.models import load_model_and_tokenizer
 
 
